@@ -1,0 +1,129 @@
+"""The typed config tree of a run, composed by Hydra from configs/train.yaml and its groups.
+
+Each package takes its own small section (``ModelConfig``, ``DataConfig``, ``CheckpointConfig``,
+...). Rules that span sections live in ``train/validate.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+from model.config import ModelConfig
+from train.data.config import DataConfig
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    global_batch_size: int = 16  # sequences per optimizer step, whatever the world size
+    micro_batch_size: int = 0  # sequences per forward on one rank; 0 = global batch / dp ranks
+    seq_len: int = 128
+    compile: bool = False  # torch.compile each transformer block
+    activation_checkpointing: bool = False
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    grad_clip: float = 1.0
+    early_stop_patience: int = 0  # evals without val-loss improvement before stopping; 0 = off
+    early_stop_min_delta: float = 0.0
+    detect_anomaly: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final LR as a fraction of lr (cosine/linear/wsd)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | linear | wsd | constant
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # WSD: share of steps in the final decay
+    fused: str = "auto"  # auto (fused on CUDA) | true | false
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: every rank not used by dp_replicate
+    ep: int = 1
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    timeout_s: float = 600.0
+    engine: str = "fsdp2"
+
+
+@dataclass
+class CheckpointConfig:
+    root: str = ""  # "" = output_dir; a path, an FSx mount or s3://bucket/prefix
+    every_steps: int = 50
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every m-th step forever; 0 = off
+    resume: str = "auto"  # auto | none | a checkpoint path
+    async_mode: str = "off"  # off | thread | process
+    save_final: bool = True
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    instance_type: str = "local"
+    accelerator: str = "auto"  # device name for the peak-FLOPs table; auto = detect
+    accelerators_per_node: int = 0  # 0 = whatever the process sees
+    nodes: int = 1
+    lifecycle: str = "on_demand"  # on_demand | spot
+    price_on_demand_per_hour: float = 0.0  # $ per instance-hour
+    price_spot_per_hour: float = 0.0
+    price_source: str = ""  # where the on-demand figure comes from
+    price_date: str = ""
+    spot_price_source: str = ""  # spot prices move: say whether sampled or estimated, and how
+    spot_price_date: str = ""
+    region: str = ""  # region the prices are for
+    peak_tflops_override: float = 0.0  # dense bf16 TFLOP/s per accelerator, 0 = table
+
+
+@dataclass
+class CostConfig:
+    price_per_hour: float = 0.0  # override: $ per instance-hour (0 = catalog)
+    budget_usd: float = 0.0  # 0 = no budget
+    alert_usd: List[float] = field(default_factory=list)
+
+
+@dataclass
+class HealthConfig:
+    imds_endpoint: str = "http://169.254.169.254"
+    preemption_deadline_s: float = 110.0
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    wandb_project: str = "moeforge"
+    # auto (online iff WANDB_API_KEY or WANDB_BASE_URL is set, else offline) | online | offline
+    # | disabled; an explicit WANDB_MODE in the environment wins over auto
+    wandb_mode: str = "auto"
+    wandb_entity: str = ""  # "" = the key's default entity
+    tensorboard: bool = False
+    progress: str = "auto"  # auto (bar on a TTY) | on | off
+    jsonl: bool = True
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = ""  # "" = stable name derived from the config (never the clock)
+    output_dir: str = "outputs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
