@@ -1,0 +1,41 @@
+"""`python -m train`: compose the Hydra config into typed dataclasses and run."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from moe.config import ConfigError
+from train.config import TrainConfig
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+EXIT_CONFIG_ERROR = 2
+# Absolute, so the tree is found however the package is imported (python -m train, torchrun, tests).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def to_typed(dcfg: DictConfig) -> TrainConfig:
+    return OmegaConf.to_object(dcfg)
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
+def _main(dcfg: DictConfig) -> None:
+    from train.main import run  # heavy imports after Hydra has parsed the command line
+
+    try:
+        cfg = to_typed(dcfg)
+        code = run(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        code = EXIT_CONFIG_ERROR
+    if code:
+        sys.exit(code)
+
+
+def main() -> None:
+    _main()

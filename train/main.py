@@ -1,0 +1,89 @@
+"""`run(cfg)`: one attempt of a training run, from a typed config to an exit code.
+
+Order (DESIGN.md, "One run"): validate → process group → run directory and logs → data → model
+→ optimizer → resume → loop → exit code. Nothing here uses the clock for names or paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from moe.config import ConfigError
+from parallelism.process_group import init_distributed, shutdown
+from train.config import TrainConfig
+from train.exit_codes import EXIT_CRASH
+from train.run_dir import run_dir, run_name
+from train.validate import validate_train_config
+
+log = logging.getLogger("moeforge")
+
+
+def setup_logging(directory: str, rank: int) -> str:
+    """Console on rank 0, and one log file per rank in the run directory."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"rank{rank}.log")
+    root = logging.getLogger("moeforge")
+    root.setLevel(logging.INFO)
+    root.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s [rank%(rank)s] %(message)s")
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(fmt)
+    root.addHandler(file_handler)
+    if rank == 0:
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(console)
+    old_factory = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = old_factory(*args, **kwargs)
+        record.rank = rank
+        return record
+
+    logging.setLogRecordFactory(factory)
+    root.propagate = False
+    return path
+
+
+def write_resolved_config(cfg: TrainConfig, directory: str) -> None:
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from train.metrics import redact_secrets
+
+    blob = redact_secrets(dataclasses.asdict(cfg))
+    with open(os.path.join(directory, "config.yaml.tmp"), "w") as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.create(blob)))
+    os.replace(os.path.join(directory, "config.yaml.tmp"), os.path.join(directory, "config.yaml"))
+
+
+def run(cfg: TrainConfig) -> int:
+    start_time = time.time()
+    validate_train_config(cfg)  # before any process group or allocation
+    from train.build import resolve_runtime
+
+    runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision,
+                              int(os.environ.get("LOCAL_RANK", 0)))
+    ctx = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, runtime.device_type)
+    try:
+        directory = run_dir(cfg)
+        setup_logging(directory, ctx.rank)
+        if ctx.is_main:
+            write_resolved_config(cfg, directory)
+        from train.trainer import Trainer
+
+        trainer = Trainer(cfg, directory, run_name(cfg), runtime, ctx, start_time)
+        return trainer.run()
+    except ConfigError:
+        raise
+    except Exception:
+        log.exception("training crashed")
+        return EXIT_CRASH
+    finally:
+        shutdown()
+
+
+

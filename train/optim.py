@@ -1,0 +1,55 @@
+"""AdamW and the learning-rate schedules (pure functions of the step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def lr_at(step: int, *, lr: float, max_steps: int, warmup_steps: int, schedule: str,
+          min_lr_ratio: float, decay_fraction: float = 0.2) -> float:
+    """Learning rate for optimizer step ``step`` (0-based). Stateless, so resuming needs no
+    scheduler state: the step alone says where the schedule is."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    min_lr = lr * min_lr_ratio
+    if schedule == "constant":
+        return lr
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "cosine":
+        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return lr - (lr - min_lr) * progress
+    if schedule == "wsd":
+        # Warmup-stable-decay: flat until the last decay_fraction of the steps, then linear down.
+        decay_start = max_steps - int(round(decay_fraction * max_steps))
+        if step < decay_start:
+            return lr
+        return lr - (lr - min_lr) * min(1.0, (step - decay_start + 1) / max(1, max_steps - decay_start))
+    raise ValueError(f"optim.schedule={schedule!r} must be one of cosine, linear, wsd, constant")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms, biases and 1-D tensors are not decayed."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
+    fused = cfg.fused == "true" or (cfg.fused == "auto" and device_type == "cuda")
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        fused=fused or None, foreach=None if fused else True,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,52 @@
+"""Where a run lives: ``output_dir/run_name``, or RUN_DIR when a launcher sets it.
+
+``run_name`` defaults to a stable name derived from the config (never the clock), so re-running
+the same command resumes the same run. Keys that only say how long, how often or where to report
+(max_steps, logging, checkpoint cadence, prices) do not change the name: raising max_steps
+continues the run rather than starting a new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+# Sections/keys that do not define *what* is trained.
+_NAME_EXCLUDES = {
+    "run_name", "output_dir", "logging", "cost", "health", "cluster", "checkpoint",
+}
+_TRAINER_EXCLUDES = {"max_steps", "log_every", "eval_every", "eval_batches", "compile",
+                     "activation_checkpointing", "micro_batch_size", "device", "detect_anomaly",
+                     "early_stop_patience", "early_stop_min_delta"}
+_PARALLEL_EXCLUDES = {"dp_replicate", "dp_shard", "ep", "backend", "timeout_s"}
+
+
+def identity(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+    for k in _NAME_EXCLUDES:
+        d.pop(k, None)
+    for k in _TRAINER_EXCLUDES:
+        d["trainer"].pop(k, None)
+    for k in _PARALLEL_EXCLUDES:
+        d["parallel"].pop(k, None)
+    # The schedule length is part of the LR curve only through max_steps, which we exclude on
+    # purpose (extending a run keeps its name); everything else about optimisation stays in.
+    return d
+
+
+def config_hash(cfg, n: int = 8) -> str:
+    blob = json.dumps(identity(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def run_name(cfg) -> str:
+    return cfg.run_name or f"{cfg.model.name}-{config_hash(cfg)}"
+
+
+def run_dir(cfg) -> str:
+    env = os.environ.get("RUN_DIR")
+    if env:
+        return env
+    return os.path.join(cfg.output_dir, run_name(cfg))

@@ -1,0 +1,78 @@
+"""One optimizer step: micro-batches forward/backward (gradient accumulation), clip, step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from moe.balance import update_expert_bias
+from train.build import Runtime
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean cross-entropy over this rank's tokens (device scalar, no sync)
+    aux_loss: torch.Tensor  # MoE auxiliary losses, averaged over micro-batches
+    grad_norm: torch.Tensor
+    data_wait_s: float
+
+
+def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(0, 1))
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    n_micro: int,
+    runtime: Runtime,
+    grad_clip: float,
+    bias_update_rate: float,
+    reduce_counts: Callable[[torch.Tensor], None] | None = None,
+) -> StepResult:
+    model.train()
+    loss_sum = torch.zeros((), device=runtime.device)
+    aux_sum = torch.zeros((), device=runtime.device)
+    data_wait = 0.0
+    for _ in range(n_micro):
+        t0 = time.perf_counter()
+        inputs_BT, targets_BT = next(micro_batches)
+        inputs_BT = inputs_BT.to(runtime.device, non_blocking=True)
+        targets_BT = targets_BT.to(runtime.device, non_blocking=True)
+        data_wait += time.perf_counter() - t0
+        with runtime.autocast():
+            logits_BTV, aux = model(inputs_BT)
+        loss = lm_loss(logits_BTV, targets_BT)
+        # Every micro-batch has the same number of tokens, so averaging the per-micro-batch means
+        # gives the mean over the global batch slice this rank holds.
+        ((loss + aux) / n_micro).backward()
+        loss_sum += loss.detach()
+        aux_sum += aux.detach()
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if bias_update_rate > 0:
+        update_expert_bias(model, bias_update_rate, reduce_fn=reduce_counts)
+    return StepResult(loss_sum / n_micro, aux_sum / n_micro, grad_norm, data_wait)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime) -> float:
+    """Mean validation cross-entropy over a fixed set of batches (one host sync)."""
+    model.eval()
+    total = torch.zeros((), device=runtime.device)
+    for inputs_BT, targets_BT in batches:
+        with runtime.autocast():
+            logits_BTV, _ = model(inputs_BT.to(runtime.device))
+        total += lm_loss(logits_BTV, targets_BT.to(runtime.device))
+    model.train()
+    return (total / max(1, len(batches))).item()

@@ -1,0 +1,113 @@
+"""Cross-field rules of the whole run config, checked before any process group or allocation.
+
+Each failure names the key and the fix, e.g.
+``trainer.global_batch_size=10 must be divisible by data-parallel ranks (4) x trainer.micro_batch_size (2)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from model.config import validate_model_config
+from moe.config import ConfigError
+from train.config import TrainConfig
+from train.data.config import validate_data_config
+
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+ASYNC_MODES = ("off", "thread", "process")
+
+
+def _fail(msg: str) -> None:
+    raise ConfigError(msg)
+
+
+def world_size_from_env() -> int:
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def dp_size(cfg: TrainConfig, world_size: int) -> int:
+    """Data-parallel ranks: every rank holds a different slice of the global batch."""
+    return world_size
+
+
+def resolved_micro_batch(cfg: TrainConfig, world_size: int) -> int:
+    t = cfg.trainer
+    return t.micro_batch_size or max(1, t.global_batch_size // dp_size(cfg, world_size))
+
+
+def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> None:
+    world_size = world_size_from_env() if world_size is None else world_size
+    t, o, c, p = cfg.trainer, cfg.optim, cfg.checkpoint, cfg.parallel
+    validate_model_config(cfg.model)
+    validate_data_config(cfg.data)
+    for key in ("max_steps", "global_batch_size", "seq_len", "log_every"):
+        if getattr(t, key) < 1:
+            _fail(f"trainer.{key}={getattr(t, key)} must be >= 1")
+    for key in ("eval_every", "eval_batches", "micro_batch_size", "early_stop_patience"):
+        if getattr(t, key) < 0:
+            _fail(f"trainer.{key}={getattr(t, key)} must be >= 0")
+    if t.seq_len > cfg.model.max_seq_len:
+        _fail(f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}: "
+              "lower trainer.seq_len or raise model.max_seq_len")
+    if t.precision not in PRECISIONS:
+        _fail(f"trainer.precision={t.precision!r} must be one of {PRECISIONS}")
+    if t.device not in DEVICES:
+        _fail(f"trainer.device={t.device!r} must be one of {DEVICES}")
+    if t.grad_clip < 0:
+        _fail(f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    dp = dp_size(cfg, world_size)
+    mb = resolved_micro_batch(cfg, world_size)
+    if t.global_batch_size % (dp * mb) != 0:
+        _fail(f"trainer.global_batch_size={t.global_batch_size} must be divisible by data-parallel "
+              f"ranks ({dp}) x trainer.micro_batch_size ({mb}): change one of them")
+    if not o.lr > 0:
+        _fail(f"optim.lr={o.lr} must be > 0")
+    if not 0 <= o.min_lr_ratio <= 1:
+        _fail(f"optim.min_lr_ratio={o.min_lr_ratio} must be within [0, 1]")
+    if o.schedule not in SCHEDULES:
+        _fail(f"optim.schedule={o.schedule!r} must be one of {SCHEDULES}")
+    if o.warmup_steps < 0:
+        _fail(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    if o.weight_decay < 0:
+        _fail(f"optim.weight_decay={o.weight_decay} must be >= 0")
+    if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+        _fail(f"optim.beta1={o.beta1} and optim.beta2={o.beta2} must be within [0, 1)")
+    if not 0 < o.decay_fraction <= 1:
+        _fail(f"optim.decay_fraction={o.decay_fraction} must be within (0, 1]")
+    if o.fused not in ("auto", "true", "false"):
+        _fail(f"optim.fused={o.fused!r} must be auto, true or false")
+    if c.every_steps < 0:
+        _fail(f"checkpoint.every_steps={c.every_steps} must be >= 0 (0 = only the final save)")
+    if c.keep_last < 1:
+        _fail(f"checkpoint.keep_last={c.keep_last} must be >= 1 (the newest commit is always kept)")
+    if c.keep_every < 0:
+        _fail(f"checkpoint.keep_every={c.keep_every} must be >= 0")
+    if c.async_mode not in ASYNC_MODES:
+        _fail(f"checkpoint.async_mode={c.async_mode!r} must be one of {ASYNC_MODES}")
+    if not c.resume:
+        _fail("checkpoint.resume is empty: use auto, none or a checkpoint path")
+    if cfg.cost.budget_usd < 0 or cfg.cost.price_per_hour < 0:
+        _fail("cost.budget_usd and cost.price_per_hour must be >= 0")
+    if cfg.cluster.nodes < 1:
+        _fail(f"cluster.nodes={cfg.cluster.nodes} must be >= 1")
+    if p.timeout_s <= 0:
+        _fail(f"parallel.timeout_s={p.timeout_s} must be > 0")
+    if p.engine != "fsdp2":
+        _fail(f"parallel.engine={p.engine!r}: only fsdp2 is available in this build")
+    if p.backend not in ("auto", "nccl", "gloo"):
+        _fail(f"parallel.backend={p.backend!r} must be auto, nccl or gloo")
+    if p.dp_replicate < 1:
+        _fail(f"parallel.dp_replicate={p.dp_replicate} must be >= 1")
+    shard = p.dp_shard if p.dp_shard > 0 else world_size // p.dp_replicate
+    if p.dp_replicate * shard != world_size:
+        _fail(f"parallel.dp_replicate={p.dp_replicate} x parallel.dp_shard={p.dp_shard} must equal the "
+              f"world size ({world_size}); set parallel.dp_shard=-1 to use every remaining rank")
+    if p.ep < 1 or shard % p.ep != 0:
+        _fail(f"parallel.ep={p.ep} must divide parallel.dp_shard={shard}")
+    if p.ep > 1 and (cfg.model.moe.n_experts == 0 or cfg.model.moe.n_experts % p.ep != 0):
+        _fail(f"parallel.ep={p.ep} must divide model.moe.n_experts={cfg.model.moe.n_experts}")
