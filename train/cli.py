@@ -34,6 +34,13 @@ def _main(dcfg: DictConfig) -> None:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         code = EXIT_CONFIG_ERROR
     if code:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # One failed sweep point must not abort the others: report it and go on.
+            print(f"sweep job {HydraConfig.get().job.num} exited with code {code}", file=sys.stderr)
+            return
         sys.exit(code)
 
 

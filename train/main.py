@@ -7,6 +7,7 @@ Order (DESIGN.md, "One run"): validate → process group → run directory and l
 from __future__ import annotations
 
 import logging
+import sys
 import os
 import time
 
@@ -32,7 +33,7 @@ def setup_logging(directory: str, rank: int) -> str:
     file_handler.setFormatter(fmt)
     root.addHandler(file_handler)
     if rank == 0:
-        console = logging.StreamHandler()
+        console = logging.StreamHandler(sys.stdout)  # same stream as the metric lines: order kept
         console.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(console)
     old_factory = logging.getLogRecordFactory()

@@ -15,6 +15,7 @@ from train.config import TrainConfig
 from train.exit_codes import EXIT_OK
 from train.optim import build_optimizer, lr_at, set_lr
 from train.step import evaluate, train_step
+from train.run_dir import config_hash
 from train.validate import resolved_micro_batch
 
 log = logging.getLogger("moeforge")
@@ -62,7 +63,7 @@ class Trainer:
             "step": self.step,
             "samples_consumed": self.samples,
             "tokens": self.samples * self.cfg.trainer.seq_len,
-            "best_val": self.best_val,
+            "best_val": None if self.best_val == float("inf") else self.best_val,
             "evals_since_best": self.evals_since_best,
             "cost": self.cost.state_dict(),
             "wandb_run_id": getattr(self.metrics, "wandb_run_id", None),
@@ -76,7 +77,8 @@ class Trainer:
             return
         ts = meta["trainer_state"]
         self.step, self.samples = ts["step"], ts["samples_consumed"]
-        self.best_val, self.evals_since_best = ts["best_val"], ts["evals_since_best"]
+        self.best_val = float("inf") if ts["best_val"] is None else ts["best_val"]
+        self.evals_since_best = ts["evals_since_best"]
         self.cost.load_state_dict(ts["cost"])
         self._resume_wandb_id = ts.get("wandb_run_id")
         log.info("resumed from step %d (%d samples consumed)", self.step, self.samples)
@@ -157,10 +159,11 @@ class Trainer:
     def _save(self) -> None:
         from train.version import versions
 
-        res = self.ckpt.save(self.step, self._state(), {"trainer_state": self._trainer_state(),
-                                                       "world_size": self.ctx.world_size,
-                                                       "versions": versions()})
-        log.info("checkpoint step %d committed: %s (%.2f s)", self.step, res.path, res.seconds)
+        ts = self._trainer_state()
+        meta = {"tokens": ts["tokens"], "samples_consumed": self.samples,
+                "config_hash": config_hash(self.cfg), "cost_usd": ts["cost"].get("spent_usd", 0.0),
+                "versions": versions()}
+        self.ckpt.save(self.step, self._state(), meta, trainer_state=ts)
 
     def _announce(self) -> None:
         cfg = self.cfg

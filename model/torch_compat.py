@@ -1,0 +1,112 @@
+"""The one place that knows version-dependent and private PyTorch APIs.
+
+Grouped GEMM (one kernel for all experts' jagged token groups):
+
+- ``torch.nn.functional.grouped_mm`` is public in 2.11.0+cu130 and 2.13.0+cpu (both probed);
+  older builds only have the private ``torch._grouped_mm`` (same call: ``(mat_a, mat_b, offs=)``),
+  used when the public name is missing.
+- Probed 2026-11-22 on torch 2.11.0+cu130, H200 (sm90): bf16, fp16 and fp32 all run forward and
+  backward; on CPU (2.11 and 2.13) fp32, bf16 and fp16 do too. Before sm90 we do not rely on it
+  (the fast CUTLASS kernel is sm90+), so ``has_grouped_mm`` says False there and callers use the
+  loop. bf16 is the dtype it is fast for; fp32 on CUDA is for tests.
+
+What the kernel requires (same checks on CPU and CUDA):
+
+- every operand's row stride must be a multiple of 16 bytes ("strides should be multiple of 16
+  bytes"): ``d_model`` and ``expert_dim`` must be multiples of 4 (fp32) or 8 (bf16/fp16);
+- ``offs`` must be int32 cumulative group ends; empty groups (repeated offsets) are fine; group
+  starts need NOT be aligned (offs 3,3,7,10 gave exact results on CPU and on H200 in bf16), so
+  no per-expert padding of rows is needed;
+- rows after ``offs[-1]`` are NOT written (they hold garbage, even NaN): callers mask them;
+- under ``torch.compile`` only bf16 traces (the meta kernel checks for bf16); a bf16 MoELayer
+  compiles with ``fullgraph=True`` (checked with the aot_eager backend on CPU);
+- backward fails ("Invalid strides/sizes, got [0, 0]") when the incoming gradient is an expanded
+  zero-stride tensor, which is exactly what ``y.sum().backward()`` produces. ``y.contiguous()`` in
+  forward does not help (y is already contiguous, so it is a no-op); :func:`grouped_mm` therefore
+  passes its output through an identity whose backward materialises the gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = ["grouped_mm", "grouped_mm_fn", "has_grouped_mm", "grouped_mm_dims_ok"]
+
+
+def grouped_mm_fn() -> Optional[Callable]:
+    """The grouped GEMM of this torch build, or None."""
+    fn = getattr(torch.nn.functional, "grouped_mm", None)
+    if fn is not None:
+        return fn
+    return getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_dims_ok(dims: Sequence[int], dtype: torch.dtype) -> bool:
+    """Row strides of the operands (the inner dims) must be multiples of 16 bytes."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return all((d * size) % 16 == 0 for d in dims)
+
+
+def has_grouped_mm(device: torch.device | str, dtype: Optional[torch.dtype] = None,
+                   dims: Sequence[int] = ()) -> bool:
+    """Whether :func:`grouped_mm` runs (forward and backward) for this device, dtype and dims.
+
+    ``dtype`` None asks about the device alone (for CUDA: with bf16 operands).
+    """
+    if grouped_mm_fn() is None:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 9:
+            return False
+        ok_dtypes = (torch.bfloat16, torch.float16, torch.float32)
+        dtype = torch.bfloat16 if dtype is None else dtype
+    elif device.type == "cpu":
+        ok_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        dtype = torch.float32 if dtype is None else dtype
+    else:
+        return False
+    if dtype not in ok_dtypes:
+        return False
+    if dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        # The meta (fake tensor) kernel used by torch.compile accepts bf16 only ("Expected inputs
+        # of BF16 type"), although eager runs fp32/fp16: compiled fp32 models take the loop.
+        return False
+    return grouped_mm_dims_ok(dims, dtype)
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward hands grouped_mm a materialised (non-expanded) gradient."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        if any(s == 0 for s in g.stride()) or not g.is_contiguous():
+            g = g.clone(memory_format=torch.contiguous_format)
+        return g
+
+
+def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """``y[rows of group e] = x[rows of group e] @ w[e]`` for the jagged groups ending at offs.
+
+    ``offs_E``: int32 cumulative group ends (``cumsum(tokens_per_expert)``). Rows of x past
+    ``offs_E[-1]`` produce unspecified output rows; mask them. Raises RuntimeError where the
+    build has no grouped GEMM (check :func:`has_grouped_mm` and fall back first).
+    """
+    fn = grouped_mm_fn()
+    if fn is None:
+        raise RuntimeError(f"torch {torch.__version__} has no grouped_mm; use the loop experts")
+    if offs_E.dtype != torch.int32:
+        offs_E = offs_E.to(torch.int32)
+    y_NF = fn(x_ND, w_EDF, offs=offs_E)
+    if torch.is_grad_enabled() and y_NF.requires_grad:
+        y_NF = _DenseGrad.apply(y_NF)
+    return y_NF
