@@ -1,0 +1,22 @@
+"""Checkpoints: DCP shards + an atomic commit marker, on local disk, FSx or s3://.
+
+Never imports ``train``: the manager takes the ``checkpoint`` config section as a plain object.
+"""
+
+from checkpointing.errors import CheckpointError, ConfigError
+from checkpointing.manager import CheckpointManager, SaveResult, validate_checkpoint_config
+from checkpointing.resume import resolve_resume
+from checkpointing.state import AppState, ModelState, OptimState, RNGState
+
+__all__ = [
+    "AppState",
+    "CheckpointError",
+    "CheckpointManager",
+    "ConfigError",
+    "ModelState",
+    "OptimState",
+    "RNGState",
+    "SaveResult",
+    "resolve_resume",
+    "validate_checkpoint_config",
+]

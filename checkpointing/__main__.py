@@ -1,0 +1,5 @@
+import sys
+
+from checkpointing.cli import main
+
+sys.exit(main())

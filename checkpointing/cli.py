@@ -1,0 +1,156 @@
+"""``python -m checkpointing ls|verify RUN_OR_STEP_DIR``: inspect checkpoints without the trainer.
+
+``ls``     one line per step directory: step, status, tokens, size, age.
+``verify`` per step: marker, meta.json and trainer_state.json parse, DCP ``.metadata`` reads, and
+           every shard file it lists exists, covers its byte ranges and reads to the end. Exit 1 if
+           any committed step fails, or a named step directory is not committed, or nothing is found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from checkpointing import _dcp, commit, layout
+from checkpointing.storage import Storage
+
+
+def _parse_options(pairs: List[str]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--storage-option expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _step_dirs(st: Storage, path: str) -> Tuple[List[Tuple[int, str]], bool]:
+    """(step, dir) pairs under a run directory, or the one step directory named; and whether the
+    path named a single step."""
+    path = path.rstrip("/")
+    step = layout.parse_step(path)
+    if step is not None:
+        return [(step, path)], True
+    steps = sorted(s for s in (layout.parse_step(n) for n in st.list_subdirs(path)) if s is not None)
+    return [(s, layout.step_dir(path, s)) for s in steps], False
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+    return str(n)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def cmd_ls(path: str, st: Storage) -> int:
+    dirs, _ = _step_dirs(st, path)
+    if not dirs:
+        print(f"no step directories under {path}")
+        return 1
+    print(f"{'step':>10}  {'status':<11} {'tokens':>14}  {'size':>9}  {'age':>6}  path")
+    now = time.time()
+    for step, d in dirs:
+        committed = commit.is_committed(st, d)
+        tokens, age = "-", "-"
+        try:
+            meta = commit.read_meta(st, d)
+            tokens = str(meta.get("tokens", "-"))
+            if "saved_at_unix" in meta:
+                age = _age(now - float(meta["saved_at_unix"]))
+        except Exception:  # noqa: BLE001 - an uncommitted step may have no meta yet
+            pass
+        status = "committed" if committed else "UNCOMMITTED"
+        print(f"{step:>10}  {status:<11} {tokens:>14}  {_human(st.tree_size(d)):>9}  {age:>6}  {d}")
+    return 0
+
+
+def verify_step(st: Storage, d: str) -> List[str]:
+    """Problems found in one step directory ([] = good)."""
+    problems = []
+    if not commit.is_committed(st, d):
+        problems.append(f"no {layout.COMMIT_MARKER} marker (uncommitted)")
+    for name in (layout.META_FILE, layout.TRAINER_STATE_FILE):
+        try:
+            commit.read_json(st, layout.join(d, name))
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{name}: {type(e).__name__}: {e}")
+    try:
+        md = _dcp.read_metadata(st.native(d), st.is_local, st.storage_options)
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"{layout.DCP_METADATA_FILE}: {type(e).__name__}: {e}")
+        return problems
+    need: Dict[str, int] = {}  # shard file -> bytes it must hold
+    for info in md.storage_data.values():
+        rel = info.relative_path
+        need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, nbytes in sorted(need.items()):
+        url = layout.join(d, rel)
+        try:
+            size = st.size(url)
+        except FileNotFoundError:
+            problems.append(f"{rel}: missing (listed in {layout.DCP_METADATA_FILE})")
+            continue
+        if size < nbytes:
+            problems.append(f"{rel}: {size} bytes, {layout.DCP_METADATA_FILE} needs {nbytes}")
+            continue
+        try:
+            with st.fs.open(st._p(url), "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"{rel}: unreadable: {type(e).__name__}: {e}")
+    return problems
+
+
+def cmd_verify(path: str, st: Storage) -> int:
+    dirs, single = _step_dirs(st, path)
+    if not dirs:
+        print(f"FAIL {path}: no step directories")
+        return 1
+    failed = 0
+    for step, d in dirs:
+        problems = verify_step(st, d)
+        committed = commit.is_committed(st, d)
+        if not problems:
+            print(f"OK   {d}")
+        elif committed or single:
+            failed += 1
+            print(f"FAIL {d}")
+        else:
+            print(f"PARTIAL {d} (uncommitted; resume skips it)")
+        for p in problems:
+            print(f"     - {p}")
+    n_committed = sum(commit.is_committed(st, d) for _, d in dirs)
+    print(f"{len(dirs)} step dir(s), {n_committed} committed, {failed} failed")
+    return 1 if failed or n_committed == 0 else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m checkpointing", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name, help_ in (("ls", "list step directories"), ("verify", "check shards and commit markers")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("path", help="a run's checkpoint directory or one step_NNNNNNNNN directory "
+                                    "(local, FSx or s3://)")
+        p.add_argument("--storage-option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                       help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:5000")
+    args = parser.parse_args(argv)
+    st = Storage(args.path, _parse_options(args.storage_option))
+    return {"ls": cmd_ls, "verify": cmd_verify}[args.cmd](args.path, st)

@@ -1,0 +1,104 @@
+"""Stateful wrappers the trainer puts in the dict it hands to ``CheckpointManager``.
+
+``get_state_dict``/``set_state_dict`` give fully-qualified-name keyed state for plain modules and
+FSDP2-sharded ones alike (DTensor shards), which is what lets DCP reshard across world sizes.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+__all__ = ["ModelState", "OptimState", "AppState", "RNGState"]
+
+
+class ModelState(Stateful):
+    def __init__(self, model: nn.Module, options: Optional[StateDictOptions] = None):
+        self.model = model
+        self.options = options
+
+    def state_dict(self) -> Dict[str, Any]:
+        return get_model_state_dict(self.model, options=self.options)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state_dict, options=self.options)
+
+
+class OptimState(Stateful):
+    """Optimizer state keyed by parameter FQN (not by position), so it survives resharding."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 options: Optional[StateDictOptions] = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.options = options
+
+    def state_dict(self) -> Dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
+
+
+class AppState(Stateful):
+    """Model and optimizer under one key (``{"model": ..., "optim": ...}``), the DCP tutorial shape."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 options: Optional[StateDictOptions] = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.options = options
+
+    def state_dict(self) -> Dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.options)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
+                       optim_state_dict=state_dict["optim"], options=self.options)
+
+
+class RNGState(Stateful):
+    """This rank's RNG streams as tensors (torch CPU, CUDA when present, Python ``random``).
+
+    Keys carry the rank, because each rank has its own streams; a checkpoint loaded at another
+    world size has other keys, so leave this out of the state when the world size changed (the
+    data order does not depend on it: batches are a function of seed and sample index)."""
+
+    def __init__(self, rank: int = 0):
+        self.rank = rank
+
+    def _key(self) -> str:
+        return f"rank{self.rank}"
+
+    def state_dict(self) -> Dict[str, Any]:
+        streams: Dict[str, torch.Tensor] = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            streams["torch_cuda"] = torch.cuda.get_rng_state()
+        version, internal, gauss = random.getstate()
+        streams["python"] = torch.tensor([version, *internal], dtype=torch.int64)
+        streams["python_gauss"] = torch.tensor(
+            [0.0 if gauss is None else gauss, 0.0 if gauss is None else 1.0], dtype=torch.float64)
+        return {self._key(): streams}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        streams = state_dict[self._key()]
+        torch.set_rng_state(streams["torch_cpu"])
+        if "torch_cuda" in streams and torch.cuda.is_available():
+            torch.cuda.set_rng_state(streams["torch_cuda"])
+        py = [int(x) for x in streams["python"].tolist()]
+        gauss_val, has_gauss = streams["python_gauss"].tolist()
+        random.setstate((py[0], tuple(py[1:]), gauss_val if has_gauss else None))
