@@ -34,6 +34,7 @@ def train_step(
     grad_clip: float,
     bias_update_rate: float,
     reduce_counts: Callable[[torch.Tensor], None] | None = None,
+    before_optimizer_step: Callable[[], None] | None = None,
 ) -> StepResult:
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)
@@ -58,6 +59,10 @@ def train_step(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if before_optimizer_step is not None:
+        # An async checkpoint must finish staging its copy before the parameters change; waiting
+        # here (not right after the save) overlaps staging with this step's forward/backward.
+        before_optimizer_step()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if bias_update_rate > 0:

@@ -112,7 +112,8 @@ class Trainer:
             batches = rank_micro_batches(self.train_ds, t.seed, self.samples, t.global_batch_size,
                                              self.micro, t.seq_len, self.ctx.rank, self.ctx.world_size)
             result = train_step(self.model, self.optimizer, iter(batches), self.n_micro, self.runtime,
-                                t.grad_clip, cfg.model.moe.bias_update_rate)
+                                t.grad_clip, cfg.model.moe.bias_update_rate,
+                                before_optimizer_step=self.ckpt.wait)
             self.step += 1
             self.samples += t.global_batch_size
             window_steps += 1
@@ -137,6 +138,7 @@ class Trainer:
         log.info("done: step %d, %d tokens, spent $%.4f; run directory %s", self.step,
                  self.samples * t.seq_len, self.cost.spent_usd(), self.run_dir)
         del last_saved
+        self.ckpt.close()  # an async save in flight commits before we exit
         self.metrics.close()
         return EXIT_OK
 
