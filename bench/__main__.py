@@ -1,0 +1,18 @@
+"""`python -m bench <suite> [args]`: benchmarks that print a table and write JSON."""
+
+import sys
+
+SUITES = {"smoke": "bench.smoke"}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in SUITES:
+        print(f"usage: python -m bench {{{','.join(SUITES)}}} [--out DIR] ...", file=sys.stderr)
+        sys.exit(2)
+    import importlib
+
+    importlib.import_module(SUITES[sys.argv[1]]).main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The one attention kernel seam: ``attend``.
+
+Window semantics (identical to Hugging Face's ``sliding_window`` in ``masking_utils``: causal
+``kv_idx <= q_idx`` AND overlay ``kv_idx > q_idx - sliding_window``): with ``window = W > 0``
+query ``i`` sees keys ``j`` with ``i - W < j <= i`` -- W keys including itself. ``window = 0`` is
+full causal attention.
+
+Backends:
+
+* ``eager``: plain matmul/softmax (fp32 softmax), the reference.
+* ``sdpa``: ``F.scaled_dot_product_attention``; ``is_causal=True`` for full causal, a materialised
+  boolean ``T x T`` mask for windows (CPU only -- never on CUDA).
+* ``flex``: FlexAttention with a cached causal+window block mask; compiled on CUDA. On CPU flex has
+  no backward: use it forward-only there.
+* ``auto``: on CUDA, SDPA for full causal when the q/k and v head dims are equal, else flex
+  (windows, MLA's 192/128 dims); elsewhere SDPA (masked for windows).
+
+GQA: ``k``/``v`` carry ``h`` heads with ``H % h == 0``; query head ``i`` uses kv head
+``i // (H // h)`` (as HF's ``repeat_kv``). SDPA and flex get ``enable_gqa=True`` instead of a copy.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "flex", "eager")
+
+_BLOCK_MASKS: Dict[Tuple[int, int, str], object] = {}
+_compiled_flex: Optional[Callable] = None
+_sdpa_has_gqa: Optional[bool] = None
+
+
+def _repeat_kv(x_BhTD: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x_BhTD
+    B, h, T, D = x_BhTD.shape
+    return x_BhTD[:, :, None].expand(B, h, n_rep, T, D).reshape(B, h * n_rep, T, D)
+
+
+def window_mask(T: int, window: int, device=None) -> torch.Tensor:
+    """Boolean ``[T, T]`` mask, True where query ``i`` may attend key ``j`` (CPU / tests only)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    keep = j <= i
+    if window > 0:
+        keep = keep & (j > i - window)
+    return keep
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> int:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attend expects 4-D [B, heads, T, dim] tensors, got {q.shape}, {k.shape}, {v.shape}")
+    H, h = q.shape[1], k.shape[1]
+    if v.shape[1] != h or H % h != 0:
+        raise ValueError(f"kv heads {h} (v: {v.shape[1]}) must match and divide query heads {H}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q head dim {q.shape[-1]} != k head dim {k.shape[-1]}")
+    if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
+        raise ValueError("attend is for self-attention over one sequence: q, k, v need the same T")
+    if window < 0:
+        raise ValueError(f"window={window} must be >= 0 (0 = full causal)")
+    return H // h
+
+
+def _eager(q, k, v, window: int, scale: float, n_rep: int) -> torch.Tensor:
+    k = _repeat_kv(k, n_rep)
+    v = _repeat_kv(v, n_rep)
+    scores_BHTT = torch.matmul(q, k.transpose(-2, -1)) * scale
+    keep_TT = window_mask(q.shape[2], window, device=q.device)
+    scores_BHTT = scores_BHTT.masked_fill(~keep_TT, float("-inf"))
+    probs_BHTT = torch.softmax(scores_BHTT, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs_BHTT, v)
+
+
+def _sdpa_supports_gqa() -> bool:
+    global _sdpa_has_gqa
+    if _sdpa_has_gqa is None:
+        try:
+            z = torch.zeros(1, 2, 1, 2)
+            F.scaled_dot_product_attention(z, z[:, :1], z[:, :1], enable_gqa=True)
+            _sdpa_has_gqa = True
+        except TypeError:
+            _sdpa_has_gqa = False
+    return _sdpa_has_gqa
+
+
+def _sdpa(q, k, v, window: int, scale: float, n_rep: int) -> torch.Tensor:
+    kwargs = {}
+    if n_rep > 1:
+        if _sdpa_supports_gqa():
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    if window == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **kwargs)
+    if q.is_cuda:
+        raise ValueError("attention backend 'sdpa' with a sliding window would materialise a T x T mask "
+                         "on the GPU; use backend 'flex' or 'auto'")
+    mask_TT = window_mask(q.shape[2], window, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TT, scale=scale, **kwargs)
+
+
+def _mask_mod(window: int):
+    if window == 0:
+        def causal(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx
+        return causal
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
+    return sliding
+
+
+def flex_block_mask(T: int, window: int, device: torch.device):
+    """Block mask for causal (+ window) attention over ``T`` tokens, cached per (T, window, device)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    device = torch.device(device)
+    key = (T, window, str(device))
+    bm = _BLOCK_MASKS.get(key)
+    if bm is None:
+        # _compile builds the block mask without materialising the dense T x T mask on the GPU.
+        compile_mask = device.type == "cuda" and not torch.compiler.is_compiling()
+        bm = create_block_mask(_mask_mod(window), B=None, H=None, Q_LEN=T, KV_LEN=T, device=device,
+                               _compile=compile_mask)
+        _BLOCK_MASKS[key] = bm
+    return bm
+
+
+def _flex_fn(device: torch.device) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        # Inside an outer torch.compile dynamo compiles flex itself; on CPU we run it unfused.
+        return flex_attention
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+# fp32 with head dims over 128 (MLA's 192) overflows the 227 KiB of shared memory per SM of
+# H100/H200 with flex's default tiles (torch 2.11: "out of resource ... Required: 278784"); these
+# smaller tiles fit. bf16 -- the training dtype -- keeps the defaults.
+_FP32_WIDE_HEAD_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 32, "num_stages": 2,
+                           "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32}
+
+
+def _flex_kernel_options(q: torch.Tensor, v: torch.Tensor) -> Optional[dict]:
+    if q.is_cuda and q.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > 128:
+        return dict(_FP32_WIDE_HEAD_OPTIONS)
+    return None
+
+
+def _flex(q, k, v, window: int, scale: float, n_rep: int) -> torch.Tensor:
+    block_mask = flex_block_mask(q.shape[2], window, q.device)
+    return _flex_fn(q.device)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=n_rep > 1,
+                              kernel_options=_flex_kernel_options(q, v))
+
+
+def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor, window: int) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} must be one of {BACKENDS}")
+    if backend != "auto":
+        return backend
+    if q.is_cuda:
+        return "sdpa" if window == 0 and q.shape[-1] == v.shape[-1] else "flex"
+    return "sdpa"
+
+
+def attend(q_BHTD: torch.Tensor, k_BhTD: torch.Tensor, v_BhTE: torch.Tensor, *, window: int,
+           scale: float, backend: str = "auto") -> torch.Tensor:
+    """Causal (optionally sliding-window) attention; returns ``[B, H, T, E]``."""
+    n_rep = _check(q_BHTD, k_BhTD, v_BhTE, window)
+    which = resolve_backend(backend, q_BHTD, v_BhTE, window)
+    if which == "eager":
+        return _eager(q_BHTD, k_BhTD, v_BhTE, window, scale, n_rep)
+    if which == "sdpa":
+        return _sdpa(q_BHTD, k_BhTD, v_BhTE, window, scale, n_rep)
+    return _flex(q_BHTD, k_BhTD, v_BhTE, window, scale, n_rep)
