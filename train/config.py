@@ -67,6 +67,8 @@ class CheckpointConfig:
     async_mode: str = "off"  # off | thread | process
     save_final: bool = True
     storage_options: Dict[str, Any] = field(default_factory=dict)
+    on_save_error: str = "stop"  # stop: a failed save raises; continue: log it, keep training (no marker)
+    upload_root: str = ""  # two tiers: commit to root, then upload to this s3://bucket/prefix in the background
 
 
 @dataclass
@@ -91,13 +93,38 @@ class ClusterConfig:
 class CostConfig:
     price_per_hour: float = 0.0  # override: $ per instance-hour (0 = catalog)
     budget_usd: float = 0.0  # 0 = no budget
-    alert_usd: List[float] = field(default_factory=list)
+    alert_usd: List[float] = field(default_factory=list)  # $ levels: one warning (+ W&B alert) each
+    # Gap between attempts billed at most this long: -1 = the whole gap (capacity stays paid while
+    # a job is requeued), 0 = none (elastic capacity: nothing is paid between attempts).
+    max_gap_billed_s: float = -1.0
+    heartbeat_every_s: float = 30.0  # rank 0 rewrites RUN_DIR/heartbeat.json at most this often
+    projection_warmup_steps: int = 10  # steps of an attempt before its projection is trusted
+    target_tokens: int = 0  # project to this many tokens; 0 = to trainer.max_steps
 
 
 @dataclass
 class HealthConfig:
     imds_endpoint: str = "http://169.254.169.254"
     preemption_deadline_s: float = 110.0
+    # docs/resilience.md describes each knob; health/ takes this section duck-typed.
+    preflight: str = "quick"  # off | quick | deep: node check before training (exit 76 when unhealthy)
+    expected_gpus: int = 0  # GPUs per node preflight requires; 0 = cluster.accelerators_per_node (0: any)
+    imds_interval_s: float = 5.0  # spot-notice poll period (AWS recommends 5 s)
+    imds_timeout_s: float = 0.5  # per IMDS request; the first failure turns the watcher off
+    act_on_rebalance: bool = False  # treat an EC2 rebalance recommendation like a spot notice
+    nvml_interval_s: float = 30.0  # GPU health poll period; 0 = off
+    ecc_uncorrected_max: int = 0  # volatile uncorrected ECC errors tolerated before exit 76
+    temp_warn_c: float = 87.0
+    pcie_replay_warn_delta: int = 100  # PCIe replays between two polls that warn
+    nvlink_error_warn_delta: int = 100  # NVLink CRC/replay errors between two polls that warn
+    xid_actions: Dict[str, str] = field(default_factory=dict)  # {"xid": ignore|warn|checkpoint_exit_76}
+    hang_timeout_s: float = 1800.0  # no step for this long: dump stacks, exit 78; 0 = off
+    straggler_every: int = 50  # gather per-rank step times every N steps; 0 = off
+    straggler_threshold: float = 1.2  # rank median / median of medians
+    straggler_windows: int = 5  # m: windows remembered
+    straggler_min_slow: int = 3  # k: windows over the threshold before a rank is named
+    nan_max_skips: int = 3  # consecutive non-finite steps skipped before on_exhausted
+    nan_on_exhausted: str = "rollback"  # rollback (to the last committed checkpoint) | stop
 
 
 @dataclass

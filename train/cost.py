@@ -1,25 +1,43 @@
-"""What a run costs: the hourly rate from the cluster catalog, and a meter that spans attempts.
+"""What a run costs: the hourly rate from the cluster catalog, a meter that spans attempts, the
+heartbeat file that lets the next attempt bill a killed one, and the budget.
 
 The rate is per instance-hour times nodes: ``cost.price_per_hour`` (an override, e.g. a negotiated
 or Savings-Plan rate) wins; else ``cluster.price_spot_per_hour`` when ``cluster.lifecycle`` is
 ``spot``; else ``cluster.price_on_demand_per_hour``.
 
-The meter bills wall time from process start (``start_time`` from the trainer), not only step
-time: EC2 bills the instance while it loads checkpoints, compiles and waits on stragglers too.
-Prior attempts are carried as dollars *and* seconds, so an attempt that resumes on a different
-rate (spot after on-demand) does not re-price the past. The state is a flat, versioned dict so a
-budget stop and a goodput ledger can add keys later without breaking old checkpoints.
+Paid time of a run = Σ over attempts (attempt wall time from process start to its last sign of
+life) + Σ billed gaps between attempts. EC2 bills the instance while it loads checkpoints,
+compiles and waits on stragglers, so the meter starts at process start (``start_time`` from the
+trainer), not at the first step. A killed attempt's time after its last checkpoint is known from
+the heartbeat file (``heartbeat.json`` in the run directory, rewritten atomically by rank 0); the
+gap from its last heartbeat to the next attempt's start is billed at the previous attempt's rate,
+capped by ``cost.max_gap_billed_s`` (-1 = the whole gap, the default: for capacity that stays
+paid while a job is requeued). A gap after a deliberate exit (0 done, 2 bad config, 77 budget)
+is never billed: the person chose when to start again.
+
+Every attempt is one record in ``history`` with its own rate, so an attempt that resumes on a
+different rate (spot after on-demand) does not re-price the past. docs/cost.md has the formulas.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from train.config import ClusterConfig, CostConfig
+from train.exit_codes import EXIT_BUDGET
+
+log = logging.getLogger("moeforge")
 
 LIFECYCLES = ("on_demand", "spot")
-STATE_VERSION = 1
+STATE_VERSION = 2
+HEARTBEAT_FILE = "heartbeat.json"
+HEARTBEAT_VERSION = 1
+# Exits after which the next start is a person's choice, not a requeue: the gap is not billed.
+DELIBERATE_EXITS = (0, 2, 77)
 
 
 def price_per_instance_hour(cluster: ClusterConfig, cost: CostConfig) -> float:
@@ -46,6 +64,22 @@ def usd_per_hour(cluster: ClusterConfig, cost: CostConfig) -> float:
 price_per_hour = usd_per_hour
 
 
+def process_start_time() -> float:
+    """This process's start on the ``time.time()`` clock, from /proc (Linux): the meter then
+    bills interpreter start and imports too (seconds for torch). Elsewhere: now, said loudly."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22, starttime: clock ticks after boot
+        with open("/proc/stat", encoding="ascii") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        start = btime + ticks / os.sysconf("SC_CLK_TCK")
+        return min(start, time.time())
+    except (OSError, ValueError, IndexError, StopIteration) as e:
+        log.warning("process start time unavailable (%s): billing from now", e)
+        return time.time()
+
+
 def usd_for(seconds: float, rate_usd_per_hour: float) -> float:
     return seconds / 3600.0 * rate_usd_per_hour
 
@@ -64,35 +98,99 @@ def tokens_per_usd(spent_usd: float, tokens: float) -> Optional[float]:
     return tokens / spent_usd
 
 
+def billed_gap_s(prev_end: Optional[float], start: float, max_gap_billed_s: float = -1.0,
+                 prev_exit_code: Optional[int] = None) -> float:
+    """Seconds of the gap between attempts that are billed.
+
+    ``prev_end`` is the previous attempt's last persisted wall time (heartbeat or checkpoint);
+    ``max_gap_billed_s`` < 0 bills the whole gap, 0 none, > 0 at most that much. A gap after a
+    deliberate exit (``DELIBERATE_EXITS``) is not billed; a clock that went backwards bills 0.
+    """
+    if prev_end is None or prev_exit_code in DELIBERATE_EXITS:
+        return 0.0
+    gap = max(0.0, float(start) - float(prev_end))
+    return gap if max_gap_billed_s < 0 else min(gap, float(max_gap_billed_s))
+
+
+def history_totals(history: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+    """``paid_s`` and ``spent_usd`` over attempt records (gaps included), and the gap parts alone."""
+    paid = sum(float(r.get("paid_s", 0.0)) + float(r.get("gap_s", 0.0)) for r in history)
+    spent = sum(float(r.get("spent_usd", 0.0)) for r in history)
+    gap_s = sum(float(r.get("gap_s", 0.0)) for r in history)
+    return {"paid_s": paid, "spent_usd": spent, "gap_s": gap_s,
+            "gap_usd": sum(float(r.get("gap_usd", 0.0)) for r in history)}
+
+
+def interruptions(history: Sequence[Dict[str, Any]]) -> int:
+    """Attempts that ended without a deliberate exit and were followed by another attempt.
+
+    The newest record is the live attempt (or the last one); it has not been interrupted yet.
+    """
+    return sum(1 for r in history[:-1] if r.get("exit_code") not in DELIBERATE_EXITS)
+
+
+def interruptions_per_hour(history: Sequence[Dict[str, Any]]) -> float:
+    """Observed interruptions per paid attempt-hour (gaps excluded); 0 before any paid time."""
+    hours = sum(float(r.get("paid_s", 0.0)) for r in history) / 3600.0
+    return interruptions(history) / hours if hours > 0 else 0.0
+
+
 class CostMeter:
     """Dollars spent by a run across all its attempts.
 
     ``usd_per_hour`` is the rate of the whole run (all nodes); ``start_time`` is this process's
     start on the ``time.time()`` clock (the trainer passes it, so time spent before the meter was
-    built still counts).
+    built still counts). ``load_state_dict`` continues a saved run: the earlier attempts come back
+    as records, and the gap since the newest one's last persisted time is billed per
+    ``billed_gap_s``.
     """
 
-    def __init__(self, usd_per_hour: float, start_time: Optional[float] = None):
+    def __init__(self, usd_per_hour: float, start_time: Optional[float] = None,
+                 max_gap_billed_s: float = -1.0, nodes: int = 1, lifecycle: str = ""):
         if usd_per_hour < 0:
             raise ValueError(f"usd_per_hour={usd_per_hour} must be >= 0")
         self.usd_per_hour = float(usd_per_hour)
         self.start_time = time.time() if start_time is None else float(start_time)
-        self.prior_paid_s = 0.0  # paid seconds of earlier attempts
-        self.prior_spent_usd = 0.0  # their dollars, at the rates they ran at
-        self.attempt = 1  # 1 = first attempt of this run
+        self.max_gap_billed_s = float(max_gap_billed_s)
+        self.history: List[Dict[str, Any]] = []  # earlier attempts, oldest first
+        self.current: Dict[str, Any] = self._new_record(1, gap_s=0.0, gap_usd=0.0, gap_raw_s=0.0)
+        self.current.update(nodes=int(nodes), lifecycle=lifecycle)
 
     @classmethod
     def from_config(
         cls, cluster: ClusterConfig, cost: CostConfig, start_time: Optional[float] = None
     ) -> "CostMeter":
-        return cls(usd_per_hour(cluster, cost), start_time=start_time)
+        return cls(usd_per_hour(cluster, cost), start_time=start_time,
+                   max_gap_billed_s=cost.max_gap_billed_s, nodes=cluster.nodes,
+                   lifecycle=cluster.lifecycle)
+
+    def _new_record(self, attempt: int, gap_s: float, gap_usd: float, gap_raw_s: float) -> Dict[str, Any]:
+        return {"attempt": attempt, "start": self.start_time, "last_alive": self.start_time,
+                "paid_s": 0.0, "usd_per_hour": self.usd_per_hour, "gap_s": gap_s,
+                "gap_raw_s": gap_raw_s, "gap_usd": gap_usd, "spent_usd": gap_usd,
+                "resumed_from_step": 0, "last_step": 0, "commit_step": None,
+                "step_time_s": None, "exit_code": None, "exit_reason": None}
+
+    # -- the live attempt -------------------------------------------------------------------------
+
+    @property
+    def attempt(self) -> int:
+        return int(self.current["attempt"])
+
+    @property
+    def prior_paid_s(self) -> float:
+        return history_totals(self.history)["paid_s"] + float(self.current["gap_s"])
+
+    @property
+    def prior_spent_usd(self) -> float:
+        return history_totals(self.history)["spent_usd"] + float(self.current["gap_usd"])
 
     def attempt_paid_s(self, now: Optional[float] = None) -> float:
         now = time.time() if now is None else now
         return max(0.0, now - self.start_time)
 
     def elapsed_paid_s(self, now: Optional[float] = None) -> float:
-        """Paid seconds of every attempt so far, this one included."""
+        """Paid seconds of every attempt so far, this one and billed gaps included."""
         return self.prior_paid_s + self.attempt_paid_s(now)
 
     def spent_usd(self, now: Optional[float] = None) -> float:
@@ -110,32 +208,317 @@ class CostMeter:
         return self.spent_usd(now) + usd_for(max(0.0, remaining_s), self.usd_per_hour)
 
     def metrics(self, tokens: float, now: Optional[float] = None) -> Dict[str, Optional[float]]:
-        """The cost fields of a metric line: ``spent_usd``, ``usd_per_mtok``, ``tok_per_usd``."""
+        """The cost fields of a metric line: ``spent_usd``, ``usd_per_mtok``, ``tok_per_usd``
+        (plus ``paid_s`` and ``attempt`` for JSONL)."""
         spent = self.spent_usd(now)
         return {
             "spent_usd": spent,
             "usd_per_mtok": usd_per_mtok(spent, tokens),
             "tok_per_usd": tokens_per_usd(spent, tokens),
+            "paid_s": self.elapsed_paid_s(now),
+            "attempt": self.attempt,
         }
 
+    def note_progress(self, step: int, step_time_s: Optional[float] = None,
+                      commit_step: Optional[int] = None) -> None:
+        """The live attempt's last step (and median step time, last committed step), so the next
+        attempt can tell how much work past the commit it redoes."""
+        self.current["last_step"] = int(step)
+        if step_time_s is not None:
+            self.current["step_time_s"] = float(step_time_s)
+        if commit_step is not None:
+            self.current["commit_step"] = int(commit_step)
+
+    def set_resumed_step(self, step: int) -> None:
+        self.current["resumed_from_step"] = self.current["last_step"] = int(step)
+
+    def end_attempt(self, exit_code: int, reason: str = "", now: Optional[float] = None) -> None:
+        """Marks how this attempt ended (call before the final heartbeat write)."""
+        self.current["exit_code"] = int(exit_code)
+        self.current["exit_reason"] = reason or None
+        self._freeze_current(now)
+
+    def _freeze_current(self, now: Optional[float]) -> Dict[str, Any]:
+        now = time.time() if now is None else now
+        paid = self.attempt_paid_s(now)
+        self.current.update(last_alive=max(self.start_time, now), paid_s=paid,
+                            spent_usd=float(self.current["gap_usd"]) + usd_for(paid, self.usd_per_hour))
+        return self.current
+
+    def all_records(self, now: Optional[float] = None) -> List[Dict[str, Any]]:
+        """Every attempt's record, this one brought up to ``now``; copies, oldest first."""
+        return [dict(r) for r in self.history] + [dict(self._freeze_current(now))]
+
+    # -- persistence ------------------------------------------------------------------------------
+
     def state_dict(self, now: Optional[float] = None) -> Dict[str, Any]:
-        """Plain JSON-able totals, to be stored in the checkpoint's meta.json."""
+        """Plain JSON-able totals and the attempt history (checkpoint trainer_state, heartbeat)."""
+        records = self.all_records(now)
+        totals = history_totals(records)
         return {
             "version": STATE_VERSION,
-            "paid_s": self.elapsed_paid_s(now),
-            "spent_usd": self.spent_usd(now),
+            "paid_s": totals["paid_s"],
+            "spent_usd": totals["spent_usd"],
             "attempts": self.attempt,
             "usd_per_hour": self.usd_per_hour,  # the rate of the attempt that saved
+            "saved_at": records[-1]["last_alive"],
+            "history": records,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Continues the totals of a saved run; this process becomes the next attempt."""
-        version = int(state.get("version", 1))
-        if version > STATE_VERSION:
-            raise ValueError(
-                f"cost state version {version} is newer than this code understands "
-                f"({STATE_VERSION}); upgrade moeforge to resume this run"
-            )
-        self.prior_paid_s = float(state["paid_s"])
-        self.prior_spent_usd = float(state["spent_usd"])
-        self.attempt = int(state.get("attempts", 1)) + 1
+        """Continues the totals of a saved run; this process becomes the next attempt, and the gap
+        since the saved state's last persisted time is billed (``billed_gap_s``)."""
+        history = state_history(state)
+        prev = history[-1]
+        raw = max(0.0, self.start_time - float(prev["last_alive"])) if prev.get("last_alive") is not None else 0.0
+        gap = billed_gap_s(prev.get("last_alive"), self.start_time, self.max_gap_billed_s,
+                           prev.get("exit_code"))
+        gap_usd = usd_for(gap, float(prev.get("usd_per_hour", self.usd_per_hour)))
+        keep = {k: self.current[k] for k in ("nodes", "lifecycle") if k in self.current}
+        self.history = history
+        self.current = self._new_record(int(prev["attempt"]) + 1, gap, gap_usd, raw)
+        self.current.update(keep)
+
+    @property
+    def previous(self) -> Optional[Dict[str, Any]]:
+        """The attempt before this one (as loaded), or None on a first attempt."""
+        return dict(self.history[-1]) if self.history else None
+
+
+def state_history(state: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The attempt records of a saved cost state; a version-1 state becomes one summary record."""
+    version = int(state.get("version", 1))
+    if version > STATE_VERSION:
+        raise ValueError(
+            f"cost state version {version} is newer than this code understands "
+            f"({STATE_VERSION}); upgrade moeforge to resume this run"
+        )
+    if state.get("history"):
+        return [dict(r) for r in state["history"]]
+    # version 1: totals only. One record that carries them; no timestamp, so no gap is billed.
+    return [{"attempt": int(state.get("attempts", 1)), "start": None, "last_alive": None,
+             "paid_s": float(state["paid_s"]), "gap_s": 0.0, "gap_usd": 0.0,
+             "spent_usd": float(state["spent_usd"]), "usd_per_hour": state.get("usd_per_hour", 0.0),
+             "exit_code": None, "last_step": None, "summary_of_v1": True}]
+
+
+def newest_state(*states: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The cost state that knows most: highest attempt, then latest persisted time.
+
+    The heartbeat is normally newer than the checkpoint (written more often, and by killed
+    attempts that never saved); the checkpoint wins when the heartbeat is missing or older.
+    Ties go to the later argument (call it as ``newest_state(checkpoint, heartbeat)``).
+    """
+    def key(s: Dict[str, Any]):
+        last = state_history(s)[-1]
+        return (int(last.get("attempt", 0)), float(last.get("last_alive") or 0.0))
+
+    best = None
+    for s in states:  # on a tie the later argument wins: pass the heartbeat last
+        if s and (best is None or key(s) >= key(best)):
+            best = s
+    return best
+
+
+# -- heartbeat ------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write-then-rename: a reader sees the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_heartbeat(run_dir: str) -> Optional[Dict[str, Any]]:
+    """The run directory's heartbeat, or None when there is none. An unreadable one is reported
+    (warning naming the file) and ignored: totals then come from the checkpoint alone."""
+    path = os.path.join(run_dir, HEARTBEAT_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            hb = json.load(f)
+        if int(hb.get("version", 1)) > HEARTBEAT_VERSION:
+            raise ValueError(f"heartbeat version {hb.get('version')} is newer than this code")
+        return hb
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable %s (%s): the cost of attempts after the last checkpoint "
+                    "is not billed; delete the file to silence this", path, e)
+        return None
+
+
+class Heartbeat:
+    """Rank 0 rewrites ``RUN_DIR/heartbeat.json`` at most every ``every_s`` seconds (and on
+    ``force``): the cost state (attempt history), the goodput ledger and anything extra."""
+
+    def __init__(self, run_dir: str, every_s: float = 30.0, enabled: bool = True):
+        self.path = os.path.join(run_dir, HEARTBEAT_FILE)
+        self.every_s = float(every_s)
+        self.enabled = enabled
+        self._last_write = -float("inf")
+
+    def maybe_write(self, meter: CostMeter, ledger: Any = None, now: Optional[float] = None,
+                    force: bool = False, **extra: Any) -> bool:
+        now = time.time() if now is None else now
+        if not self.enabled or (not force and now - self._last_write < self.every_s):
+            return False
+        body = {"version": HEARTBEAT_VERSION, "updated": now, "cost": meter.state_dict(now)}
+        if ledger is not None:
+            body["goodput"] = ledger.state_dict()
+        body.update(extra)
+        write_json_atomic(self.path, body)
+        self._last_write = now
+        return True
+
+
+# -- budget ---------------------------------------------------------------------------------------
+
+
+def spend_at_next_save(spent_usd: float, usd_per_hour: float, steps_to_next_save: int,
+                       step_time_s: float, save_time_s: float = 0.0) -> float:
+    """Spend when the next checkpoint would be committed, at the current rate and step time."""
+    return spent_usd + usd_for(max(0, steps_to_next_save) * max(0.0, step_time_s)
+                               + max(0.0, save_time_s), usd_per_hour)
+
+
+def should_stop(spent_now: float, projected_spend_at_next_save: Optional[float],
+                budget_usd: float) -> bool:
+    """Stop (save now, exit 77) when the spend has reached the budget, or would pass it before
+    the next save could commit. ``budget_usd`` <= 0 is no budget."""
+    if budget_usd <= 0:
+        return False
+    if spent_now >= budget_usd:
+        return True
+    return projected_spend_at_next_save is not None and projected_spend_at_next_save > budget_usd
+
+
+def budget_stop_message(spent_usd: float, budget_usd: float, step: int,
+                        projected_usd: Optional[float] = None) -> str:
+    why = (f"spent ${spent_usd:.2f} of cost.budget_usd=${budget_usd:.2f}" if spent_usd >= budget_usd
+           else f"spent ${spent_usd:.2f}; the next checkpoint would bring it to "
+                f"${projected_usd or 0.0:.2f}, past cost.budget_usd=${budget_usd:.2f}")
+    return (f"budget exhausted at step {step}: {why}. Saved a checkpoint and exiting "
+            f"{EXIT_BUDGET} (do not resubmit). To continue, raise cost.budget_usd and run the same command.")
+
+
+def budget_refusal_message(spent_usd: float, budget_usd: float, step: int,
+                           stopped: bool = True) -> str:
+    """What a re-run says when the budget is spent (or the run stopped on this same budget):
+    it does not train further. ``stopped``: a budget stop happened at ``step`` (else the spend
+    reached the budget some other way, e.g. a killed attempt, and ``step`` is the resumed one)."""
+    where = (f"stopped on its budget at step {step}" if stopped
+             else f"has used up its budget (resumed at step {step})")
+    return (f"not training: this run {where} (spent ${spent_usd:.2f}, "
+            f"cost.budget_usd=${budget_usd:.2f}). Exiting {EXIT_BUDGET}. To continue, raise the "
+            f"budget, e.g. cost.budget_usd={_suggest(budget_usd)}.")
+
+
+def _suggest(budget: float) -> str:
+    return f"{budget * 1.5:.0f}" if budget >= 10 else f"{budget * 1.5:.2f}"
+
+
+def alert_message(level_usd: float, spent_usd: float, budget_usd: float) -> str:
+    of = f" of cost.budget_usd=${budget_usd:.2f}" if budget_usd > 0 else ""
+    return f"cost alert: spent ${spent_usd:.2f}, past the ${level_usd:.2f} level{of}"
+
+
+def alerts_crossed(spent_usd: float, levels: Iterable[float], fired: Iterable[float]) -> List[float]:
+    """Alert levels reached by ``spent_usd`` that have not fired yet, ascending."""
+    done = {float(x) for x in fired}
+    return sorted(float(x) for x in set(levels) if float(x) not in done and spent_usd >= float(x))
+
+
+def wandb_alert_hook(wandb_run: Any) -> Callable[[str, str], None]:
+    """A callable ``(title, text)`` that raises a W&B alert on ``wandb_run`` (None: no-op)."""
+    def hook(title: str, text: str) -> None:
+        if wandb_run is None:
+            return
+        import wandb
+
+        wandb_run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+
+    return hook
+
+
+class Budget:
+    """``cost.budget_usd`` and ``cost.alert_usd`` over a run: which alerts fired (once each,
+    across attempts: persist ``state_dict`` in trainer_state) and whether to stop."""
+
+    def __init__(self, budget_usd: float = 0.0, alert_usd: Iterable[float] = (),
+                 hooks: Sequence[Callable[[str, str], None]] = ()):
+        self.budget_usd = float(budget_usd or 0.0)
+        self.alert_usd = sorted(float(x) for x in alert_usd)
+        self.hooks = list(hooks)
+        self.fired: List[float] = []
+        self.stopped_at: Optional[Dict[str, Any]] = None
+
+    @classmethod
+    def from_config(cls, cost: CostConfig, hooks: Sequence[Callable[[str, str], None]] = ()) -> "Budget":
+        return cls(cost.budget_usd, cost.alert_usd, hooks)
+
+    def refuse_start(self, spent_usd: float, step: int) -> Optional[str]:
+        """At start, after resume: the refusal message when the budget is already spent, or when
+        the run already stopped on a budget at least this large (it stops a little short of
+        the budget, so ``spent < budget`` alone would let a re-run train on). Raising
+        ``cost.budget_usd`` above the stop's budget lets the run continue."""
+        if self.budget_usd <= 0:
+            return None
+        stopped = self.stopped_at or {}
+        same_budget = bool(stopped) and self.budget_usd <= float(stopped.get("budget_usd", 0.0))
+        if spent_usd >= self.budget_usd or same_budget:
+            return budget_refusal_message(spent_usd, self.budget_usd,
+                                          int(stopped.get("step", step)), stopped=bool(stopped))
+        return None
+
+    def alerts(self, spent_usd: float) -> List[str]:
+        """Messages for levels newly crossed (logged as warnings and sent to every hook)."""
+        out = []
+        for level in alerts_crossed(spent_usd, self.alert_usd, self.fired):
+            msg = alert_message(level, spent_usd, self.budget_usd)
+            self.fired.append(level)
+            log.warning(msg)
+            for hook in self.hooks:
+                try:
+                    hook(f"moeforge cost ${level:.2f}", msg)
+                except Exception as e:  # an alert must not kill the run: say so loudly instead
+                    log.warning("cost alert hook failed: %s", e)
+            out.append(msg)
+        return out
+
+    def check(self, spent_now: float, projected_at_next_save: Optional[float], step: int) -> Optional[str]:
+        """Alerts, then the stop decision: the stop message, or None to go on."""
+        self.alerts(spent_now)
+        if not should_stop(spent_now, projected_at_next_save, self.budget_usd):
+            return None
+        self.stopped_at = {"step": int(step), "spent_usd": float(spent_now),
+                           "budget_usd": self.budget_usd}
+        return budget_stop_message(spent_now, self.budget_usd, step, projected_at_next_save)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"fired": list(self.fired), "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
+        state = state or {}
+        self.fired = [float(x) for x in state.get("fired", [])]
+        self.stopped_at = state.get("stopped_at")
+
+
+def validate_cost_config(cost: CostConfig) -> List[str]:
+    """Problems with the ``cost`` section, each naming the field and the fix ([] when fine)."""
+    errors = []
+    if cost.budget_usd < 0 or cost.price_per_hour < 0:
+        errors.append("cost.budget_usd and cost.price_per_hour must be >= 0")
+    if any(a <= 0 for a in cost.alert_usd):
+        errors.append(f"cost.alert_usd={list(cost.alert_usd)} must hold $ levels > 0")
+    if cost.max_gap_billed_s < 0 and cost.max_gap_billed_s != -1:
+        errors.append(f"cost.max_gap_billed_s={cost.max_gap_billed_s} must be -1 (bill the whole "
+                      "gap), 0 (none) or a cap in seconds > 0")
+    if cost.heartbeat_every_s <= 0:
+        errors.append(f"cost.heartbeat_every_s={cost.heartbeat_every_s} must be > 0")
+    if cost.projection_warmup_steps < 0 or cost.target_tokens < 0:
+        errors.append("cost.projection_warmup_steps and cost.target_tokens must be >= 0")
+    return errors

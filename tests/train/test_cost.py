@@ -38,7 +38,7 @@ def test_meter_hand_computed():
     assert m.projected_usd(3600 - 90, now=1090.0) == pytest.approx(72.0)
     assert m.metrics(3_000_000, now=1090.0) == {
         "spent_usd": pytest.approx(1.80), "usd_per_mtok": pytest.approx(0.60),
-        "tok_per_usd": pytest.approx(3e6 / 1.8),
+        "tok_per_usd": pytest.approx(3e6 / 1.8), "paid_s": pytest.approx(90.0), "attempt": 1,
     }
 
 
@@ -52,12 +52,13 @@ def test_resume_continues_totals_at_old_rates():
     first = CostMeter(36.0, start_time=0.0)  # $0.01/s
     state = json.loads(json.dumps(first.state_dict(now=100.0)))  # JSON round trip, as meta.json
     assert state["paid_s"] == pytest.approx(100.0) and state["spent_usd"] == pytest.approx(1.0)
-    second = CostMeter(72.0, start_time=5000.0)  # resumed on a pricier rate
+    # resumed on a pricier rate; no gap billed here (elastic capacity), see test_cost_attempts.py
+    second = CostMeter(72.0, start_time=5000.0, max_gap_billed_s=0)
     second.load_state_dict(state)
     assert second.attempt == 2
     assert second.elapsed_paid_s(now=5050.0) == pytest.approx(150.0)
     assert second.spent_usd(now=5050.0) == pytest.approx(1.0 + 1.0)  # 50 s at $0.02/s
-    third = CostMeter(72.0, start_time=0.0)
+    third = CostMeter(72.0, start_time=0.0, max_gap_billed_s=0)
     third.load_state_dict(second.state_dict(now=5050.0))
     assert third.attempt == 3 and third.spent_usd(now=0.0) == pytest.approx(2.0)
 
