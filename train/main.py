@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import sys
 import os
-import time
 
 from moe.config import ConfigError
 from parallelism.process_group import init_distributed, shutdown
@@ -62,7 +61,9 @@ def write_resolved_config(cfg: TrainConfig, directory: str) -> None:
 
 
 def run(cfg: TrainConfig) -> int:
-    start_time = time.time()
+    from train.cost import process_start_time
+
+    start_time = process_start_time()  # interpreter start and imports are billed too
     validate_train_config(cfg)  # before any process group or allocation
     from train.build import resolve_runtime
 

@@ -12,7 +12,7 @@ from model.flops import flops_per_token, total_params, matmul_params
 from moe.balance import routing_stats
 from train.build import Runtime, build_model, compile_blocks
 from train.config import TrainConfig
-from train.exit_codes import EXIT_OK
+from train.exit_codes import EXIT_BUDGET, EXIT_OK
 from train.optim import build_optimizer, lr_at, set_lr
 from train.step import evaluate, train_step
 from train.run_dir import config_hash
@@ -33,7 +33,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
         from checkpointing.manager import CheckpointManager
-        from train.cost import CostMeter, price_per_hour
+        from train.goodput import RunAccounting
         from train.data import build_datasets
 
         cfg, t = self.cfg, self.cfg.trainer
@@ -44,7 +44,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
         self.ckpt = CheckpointManager(cfg.checkpoint, self._ckpt_base(), self.run_name,
                                       rank=self.ctx.rank, world_size=self.ctx.world_size)
-        self.cost = CostMeter(price_per_hour(cfg.cluster, cfg.cost), start_time=self.start_time)
+        self.acct = RunAccounting(cfg.cluster, cfg.cost, self.run_dir, self.start_time, rank=self.ctx.rank)
+        self.cost = self.acct.meter
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.micro = resolved_micro_batch(cfg, self.ctx.world_size)
         self.n_micro = t.global_batch_size // (self.ctx.world_size * self.micro)
@@ -65,7 +66,7 @@ class Trainer:
             "tokens": self.samples * self.cfg.trainer.seq_len,
             "best_val": None if self.best_val == float("inf") else self.best_val,
             "evals_since_best": self.evals_since_best,
-            "cost": self.cost.state_dict(),
+            **self.acct.state_dict(),  # cost, goodput, budget
             "wandb_run_id": getattr(self.metrics, "wandb_run_id", None),
             "data": self.data_info,
         }
@@ -74,12 +75,13 @@ class Trainer:
         meta = self.ckpt.load_latest(self._state())
         if meta is None:
             log.info("fresh start: no committed checkpoint for run %s", self.run_name)
+            log.info(self.acct.resume(None, 0).message())
             return
         ts = meta["trainer_state"]
         self.step, self.samples = ts["step"], ts["samples_consumed"]
         self.best_val = float("inf") if ts["best_val"] is None else ts["best_val"]
         self.evals_since_best = ts["evals_since_best"]
-        self.cost.load_state_dict(ts["cost"])
+        log.info(self.acct.resume(ts, self.step).message())
         self._resume_wandb_id = ts.get("wandb_run_id")
         log.info("resumed from step %d (%d samples consumed)", self.step, self.samples)
 
@@ -100,22 +102,32 @@ class Trainer:
                      "Raise trainer.max_steps to train further.", self.run_name, self.step, t.max_steps,
                      self.run_dir)
             self.metrics.close()
+            log.info(self.acct.finish(EXIT_OK, "already complete"))
             return EXIT_OK
+        refusal = self.acct.refuse_start()
+        if refusal:
+            log.warning(refusal)
+            self.metrics.close()
+            log.info(self.acct.finish(EXIT_BUDGET, "budget already spent"))
+            return EXIT_BUDGET
         self._announce()
         val_batches = validation_batches(self.val_ds, t.eval_batches, self.micro, t.seq_len) if t.eval_every else []
         tokens_per_step = t.global_batch_size * t.seq_len
         window_t0, window_steps, last_saved = time.perf_counter(), 0, self.step
         data_wait = 0.0
-        stop_reason = None
+        stop_reason, exit_code = None, EXIT_OK
+        from train.goodput import next_save_step
         while self.step < t.max_steps and stop_reason is None:
             set_lr(self.optimizer, self._lr(self.step))
             batches = rank_micro_batches(self.train_ds, t.seed, self.samples, t.global_batch_size,
                                              self.micro, t.seq_len, self.ctx.rank, self.ctx.world_size)
+            t_step = time.perf_counter()
             result = train_step(self.model, self.optimizer, iter(batches), self.n_micro, self.runtime,
                                 t.grad_clip, cfg.model.moe.bias_update_rate,
                                 before_optimizer_step=self.ckpt.wait)
             self.step += 1
             self.samples += t.global_batch_size
+            self.acct.on_step(self.step, time.perf_counter() - t_step, result.data_wait_s)
             window_steps += 1
             data_wait += result.data_wait_s
             val_loss = None
@@ -124,15 +136,31 @@ class Trainer:
                 val_loss = evaluate(self.model, val_batches, self.runtime)
                 stop_reason = self._early_stop(val_loss)
                 window_t0 += time.perf_counter() - t_eval  # evaluation is not training throughput
+                self.acct.on_eval(time.perf_counter() - t_eval)
+            if stop_reason is None:  # multi-rank: decide on rank 0, share with the stop all-reduce
+                budget_stop = self.acct.check_budget(
+                    self.step, next_save_step(self.step, cfg.checkpoint.every_steps, t.max_steps))
+                if budget_stop:
+                    stop_reason, exit_code = budget_stop, EXIT_BUDGET
             if self.step % t.log_every == 0 or self.step == t.max_steps or val_loss is not None:
                 elapsed = time.perf_counter() - window_t0
                 self._log(result, val_loss, window_steps, elapsed, tokens_per_step, data_wait)
                 window_t0, window_steps, data_wait = time.perf_counter(), 0, 0.0
             due = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
             final = self.step == t.max_steps or stop_reason is not None
+            if final:
+                self.acct.mark_exit(exit_code, "done" if exit_code == EXIT_OK else "budget")
             if due or (final and cfg.checkpoint.save_final):
+                t_save = time.perf_counter()
                 self._save()
+                self.acct.on_checkpoint(time.perf_counter() - t_save, self.step)
                 last_saved = self.step
+            if self.step % t.log_every == 0:
+                warning = self.acct.projection_warning(self.step, t.max_steps, tokens_per_step,
+                                                       self.samples * t.seq_len)
+                if warning:
+                    log.warning(warning)
+            self.acct.tick()  # heartbeat, at most every cost.heartbeat_every_s
         if stop_reason:
             log.info("stopping: %s", stop_reason)
         log.info("done: step %d, %d tokens, spent $%.4f; run directory %s", self.step,
@@ -140,7 +168,8 @@ class Trainer:
         del last_saved
         self.ckpt.close()  # an async save in flight commits before we exit
         self.metrics.close()
-        return EXIT_OK
+        log.info(self.acct.finish(exit_code, stop_reason or "done"))
+        return exit_code
 
     def _lr(self, step: int) -> float:
         o = self.cfg.optim
@@ -189,7 +218,7 @@ class Trainer:
              "mem_gib": _memory_gib(self.runtime.device), "data_wait": data_wait / max(elapsed, 1e-9),
              "grad_norm": result.grad_norm.item(), "aux_loss": result.aux_loss.item(),
              "tokens": tokens, "max_steps": t.max_steps}
-        m.update(self.cost.metrics(tokens))
+        m.update(self.acct.metrics(tokens))
         if val_loss is not None:
             m["val_loss"] = val_loss
         if cfg.model.moe.n_experts:

@@ -91,8 +91,10 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(f"checkpoint.async_mode={c.async_mode!r} must be one of {ASYNC_MODES}")
     if not c.resume:
         _fail("checkpoint.resume is empty: use auto, none or a checkpoint path")
-    if cfg.cost.budget_usd < 0 or cfg.cost.price_per_hour < 0:
-        _fail("cost.budget_usd and cost.price_per_hour must be >= 0")
+    from train.cost import validate_cost_config
+
+    for error in validate_cost_config(cfg.cost):
+        _fail(error)
     if cfg.cluster.nodes < 1:
         _fail(f"cluster.nodes={cfg.cluster.nodes} must be >= 1")
     if p.timeout_s <= 0:
