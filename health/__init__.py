@@ -1,0 +1,14 @@
+"""Node health and run resilience: stop flags, signal handlers, spot-notice watcher (IMDSv2), NVML
+probes and policy, preflight burn-in, hang watchdog, straggler detection, non-finite guard, exit
+records (torchrun loses worker exit codes). ``health.runtime.HealthRuntime`` is the facade the
+training loop uses.
+
+Watchers only set flags (``health.flags.StopFlags``); the training loop reads them at step
+boundaries and decides together. This package never imports ``train``. docs/resilience.md has the
+exit-code table and the knobs.
+"""
+
+from health.flags import (EXIT_BUDGET, EXIT_HANG, EXIT_PREEMPTED, EXIT_UNHEALTHY, StopFlags,
+                          StopRequest)
+
+__all__ = ["StopFlags", "StopRequest", "EXIT_PREEMPTED", "EXIT_UNHEALTHY", "EXIT_BUDGET", "EXIT_HANG"]

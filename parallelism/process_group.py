@@ -1,9 +1,23 @@
-"""Process-group initialisation from torchrun's or Slurm's environment, with explicit timeouts."""
+"""Process-group initialisation from torchrun's or Slurm's environment, with explicit timeouts.
+
+- torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT: used as they are.
+- ``srun python -m train`` (one task per GPU, no torchrun): :func:`apply_slurm_env` fills the same
+  variables from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID; MASTER_ADDR defaults to the first
+  host of SLURM_JOB_NODELIST (or SLURM_NODELIST) and MASTER_PORT to ``20000 + SLURM_JOB_ID % 20000``,
+  so every task of one job agrees without talking and two jobs sharing a node rarely collide.
+  Variables already set are never overwritten.
+- NCCL on GPU, gloo on CPU (``backend=auto``); beside an NCCL world a gloo group carries the small
+  control-plane collectives (stop/save flags) so they never queue behind training kernels.
+- :func:`shutdown` is idempotent; :func:`distributed` is a context manager that calls it on every
+  exit path (return, exception, ``SystemExit``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +52,42 @@ class DistContext:
             dist.barrier(group=self.control_group)
 
 
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: ``"gpu-[003-005,9],cpu1"`` -> ``"gpu-003"``.
+
+    Handles the compressed forms Slurm prints (prefix, bracketed ranges with zero padding);
+    ``scontrol show hostnames`` would need the Slurm binaries on every node.
+    """
+    nodelist = nodelist.strip()
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not m:
+        raise ValueError(f"cannot parse a host from Slurm node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first + nodelist[m.end():].split(",")[0]
+
+
+def apply_slurm_env(environ=None) -> dict:
+    """Under Slurm without torchrun, set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from
+    Slurm's variables where unset. Returns what it set (empty when not under srun or torchrun
+    already set them). Call it before anything reads LOCAL_RANK."""
+    env = os.environ if environ is None else environ
+    if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env or "RANK" in env:
+        return {}
+    values = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+              "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if "MASTER_ADDR" not in env and nodelist:
+        values["MASTER_ADDR"] = first_host(nodelist)
+    if "MASTER_PORT" not in env and env.get("SLURM_JOB_ID", "").isdigit():
+        values["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+    set_now = {k: v for k, v in values.items() if k not in env}
+    env.update(set_now)
+    return set_now
+
+
 def env_ranks() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's variables, else Slurm's (srun without torchrun)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -49,6 +99,7 @@ def env_ranks() -> tuple[int, int, int]:
 
 
 def init_distributed(backend: str, timeout_s: float, device_type: str) -> DistContext:
+    apply_slurm_env()
     rank, world, local = env_ranks()
     if world == 1:
         return DistContext()
@@ -65,5 +116,20 @@ def init_distributed(backend: str, timeout_s: float, device_type: str) -> DistCo
 
 
 def shutdown() -> None:
+    """Destroy the process group if there is one; safe to call twice and on error paths."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a broken group (peer died) must not mask the original error
+            import logging
+
+            logging.getLogger("moeforge").warning("destroy_process_group failed", exc_info=True)
+
+
+@contextlib.contextmanager
+def distributed(backend: str, timeout_s: float, device_type: str):
+    """``with distributed(...) as ctx:`` init, and :func:`shutdown` on every way out."""
+    try:
+        yield init_distributed(backend, timeout_s, device_type)
+    finally:
+        shutdown()

@@ -1,0 +1,69 @@
+"""The exit code, written where a launcher can read it: torchrun does not pass it through.
+
+Measured (torch 2.13): when any worker exits non-zero, torchrun itself exits 1, whatever the
+worker's code (75, 76, ...). So each rank writes ``<dir>/exit_code.rank<r>.json`` just before it
+exits with a deliberate code, and the launcher asks
+``python -m health exit-code --dir RUN_DIR --rc $?`` for the code to act on. A rank that crashed
+writes nothing; with no record the launcher's own ``--rc`` stands.
+
+Several ranks' records combine by: 2 config > 76 unhealthy > 77 budget > 78 hang > 1 crash >
+75 preempted > 0 (whatever is most permanent wins; 75 needs every rank's shards, so one rank's
+crash or hang means the attempt did not end cleanly).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+ORDER = {2: 7, 76: 6, 77: 5, 78: 4, 1: 3, 75: 2, 0: 1}
+PATTERN = "exit_code.rank*.json"
+
+
+def record_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"exit_code.rank{rank}.json")
+
+
+def write_exit_record(directory: str, rank: int, code: int, reason: str = "") -> str:
+    """Atomically write this rank's exit code (temp file + rename); returns the path."""
+    os.makedirs(directory, exist_ok=True)
+    path = record_path(directory, rank)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"code": int(code), "reason": reason, "rank": rank, "pid": os.getpid(), "time": time.time()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def clear_exit_records(directory: str, rank: int | None = None) -> None:
+    """At start-up (each rank its own; a launcher all of them): no stale code from an earlier attempt."""
+    paths = [record_path(directory, rank)] if rank is not None else glob.glob(os.path.join(directory, PATTERN))
+    for p in paths:
+        try:
+            os.remove(p)
+        except FileNotFoundError:
+            pass
+
+
+def read_exit_records(directory: str) -> list[dict]:
+    out = []
+    for p in sorted(glob.glob(os.path.join(directory, PATTERN))):
+        try:
+            with open(p) as f:
+                out.append(json.load(f))
+        except (OSError, ValueError):
+            continue  # a torn or vanished file is no record
+    return out
+
+
+def resolve_exit_code(directory: str, fallback_rc: int) -> tuple[int, str]:
+    """(code, reason) the launcher should act on: the records' winner, or ``fallback_rc``."""
+    recs = read_exit_records(directory)
+    if not recs:
+        return fallback_rc, f"no exit record in {directory}: using the launcher's rc {fallback_rc}"
+    best = max(recs, key=lambda r: ORDER.get(r["code"], 0))
+    return int(best["code"]), f"rank {best.get('rank')}: {best.get('reason', '')}"

@@ -1,0 +1,190 @@
+"""EC2 instance metadata (IMDSv2) client and the spot-interruption watcher.
+
+Protocol: ``PUT /latest/api/token`` with ``X-aws-ec2-metadata-token-ttl-seconds`` returns a token;
+every GET carries it in ``X-aws-ec2-metadata-token``. ``/latest/meta-data/spot/instance-action`` is
+404 until AWS schedules an interruption (~2 minutes ahead, best effort), then 200
+``{"action": "terminate|stop|hibernate", "time": "...Z"}``. AWS recommends polling every 5 s.
+
+Off EC2 the first token request fails fast (short timeout) and the client disables itself, so a
+laptop or CI start-up never stalls on 169.254.169.254. ``AWS_EC2_METADATA_DISABLED=true`` (the AWS
+SDKs' switch) turns it off outright.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime
+
+from health.flags import EXIT_PREEMPTED, StopFlags
+
+log = logging.getLogger("moeforge.health")
+
+DEFAULT_ENDPOINT = "http://169.254.169.254"
+TOKEN_PATH = "/latest/api/token"
+SPOT_ACTION_PATH = "/latest/meta-data/spot/instance-action"
+REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
+INSTANCE_TYPE_PATH = "/latest/meta-data/instance-type"
+LIFE_CYCLE_PATH = "/latest/meta-data/instance-life-cycle"
+
+# IMDS is link-local: never route it through an HTTP(S)_PROXY from the environment.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class ImdsClient:
+    """Small IMDSv2 client. Every getter returns None when IMDS is disabled or the path is 404."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 0.5, token_ttl_s: int = 21600):
+        self.endpoint = endpoint.rstrip("/")
+        self.timeout_s = timeout_s
+        self.token_ttl_s = int(token_ttl_s)
+        self._token: str | None = None
+        self._token_expiry = 0.0
+        self.disabled = os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true" or not endpoint
+        self._probed = False
+        self.disabled_reason = "AWS_EC2_METADATA_DISABLED=true" if self.disabled else ""
+
+    # ------------------------------------------------------------------ protocol
+    def _fetch_token(self) -> str:
+        req = urllib.request.Request(self.endpoint + TOKEN_PATH, method="PUT",
+                                     headers={"X-aws-ec2-metadata-token-ttl-seconds": str(self.token_ttl_s)})
+        with _OPENER.open(req, timeout=self.timeout_s) as r:
+            token = r.read().decode().strip()
+        self._token = token
+        self._token_expiry = time.monotonic() + max(1, self.token_ttl_s - 60)
+        return token
+
+    def available(self) -> bool:
+        """Probe once (a token request); on any failure disable the client for good."""
+        if self.disabled:
+            return False
+        if not self._probed:
+            self._probed = True
+            try:
+                self._fetch_token()
+            except (OSError, urllib.error.URLError, ValueError) as e:
+                self.disabled = True
+                self.disabled_reason = f"no IMDSv2 at {self.endpoint} ({e.__class__.__name__}: {e})"
+                log.info("IMDS off: %s", self.disabled_reason)
+                return False
+        return True
+
+    def get(self, path: str) -> str | None:
+        """GET a metadata path: its body, or None on 404 / when disabled. Retries once on 401."""
+        if not self.available():
+            return None
+        for attempt in (0, 1):
+            if self._token is None or time.monotonic() >= self._token_expiry:
+                self._fetch_token()
+            req = urllib.request.Request(self.endpoint + path, headers={"X-aws-ec2-metadata-token": self._token})
+            try:
+                with _OPENER.open(req, timeout=self.timeout_s) as r:
+                    return r.read().decode()
+            except urllib.error.HTTPError as e:
+                if e.code == 404:
+                    return None
+                if e.code == 401 and attempt == 0:
+                    self._token = None  # expired or revoked: fetch a fresh one and retry once
+                    continue
+                raise
+        return None
+
+    # ------------------------------------------------------------------ metadata
+    def spot_instance_action(self) -> dict | None:
+        body = self.get(SPOT_ACTION_PATH)
+        return json.loads(body) if body else None
+
+    def rebalance_recommendation(self) -> dict | None:
+        body = self.get(REBALANCE_PATH)
+        return json.loads(body) if body else None
+
+    def instance_type(self) -> str | None:
+        body = self.get(INSTANCE_TYPE_PATH)
+        return body.strip() if body else None
+
+    def instance_life_cycle(self) -> str | None:
+        """'spot' or 'on-demand' (the cost meter's lifecycle), None off EC2."""
+        body = self.get(LIFE_CYCLE_PATH)
+        return body.strip() if body else None
+
+
+def parse_notice_time(s: str) -> float | None:
+    """'2026-11-22T03:00:00Z' -> epoch seconds (None when unparseable)."""
+    try:
+        return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+    except (ValueError, AttributeError):
+        return None
+
+
+class PreemptionWatcher:
+    """Daemon thread: polls spot/instance-action every ``interval_s``; on a notice sets code 75 once.
+
+    A rebalance recommendation (capacity risk, not a notice) logs a warning; with
+    ``act_on_rebalance=True`` it also requests a checkpoint-and-exit 75.
+    """
+
+    def __init__(self, flags: StopFlags, endpoint: str = DEFAULT_ENDPOINT, interval_s: float = 5.0,
+                 timeout_s: float = 0.5, act_on_rebalance: bool = False, client: ImdsClient | None = None,
+                 max_polls: int | None = None):
+        self.flags = flags
+        self.client = client or ImdsClient(endpoint, timeout_s=timeout_s)
+        self.interval_s = interval_s
+        self.act_on_rebalance = act_on_rebalance
+        self.max_polls = max_polls  # bound for tests; None = until stop()
+        self.notice: dict | None = None
+        self.deadline: float | None = None  # epoch seconds of the announced termination
+        self.rebalance: dict | None = None
+        self.polls = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> bool:
+        """Start polling; False (and no thread) when IMDS is not reachable."""
+        if not self.client.available():
+            return False
+        self._thread = threading.Thread(target=self._run, name="moeforge-imds", daemon=True)
+        self._thread.start()
+        return True
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def poll_once(self) -> None:
+        self.polls += 1
+        try:
+            action = self.client.spot_instance_action()
+            rebalance = self.client.rebalance_recommendation() if self.rebalance is None else None
+        except (OSError, urllib.error.URLError, ValueError) as e:
+            self.errors += 1  # one failed poll is not a notice; keep polling
+            log.debug("IMDS poll failed: %s", e)
+            return
+        if action and self.notice is None:
+            self.notice = action
+            when = action.get("time", "?")
+            self.deadline = parse_notice_time(when)
+            reason = f"spot interruption notice: {action.get('action', '?')} at {when}"
+            log.warning("%s; requesting checkpoint and exit %d", reason, EXIT_PREEMPTED)
+            self.flags.request(EXIT_PREEMPTED, reason)
+        if rebalance and self.rebalance is None:
+            self.rebalance = rebalance
+            msg = f"EC2 rebalance recommendation (noticeTime {rebalance.get('noticeTime', '?')})"
+            if self.act_on_rebalance:
+                log.warning("%s; health.act_on_rebalance=true: checkpoint and exit %d", msg, EXIT_PREEMPTED)
+                self.flags.request(EXIT_PREEMPTED, msg)
+            else:
+                log.warning("%s: spot capacity at risk; continuing (health.act_on_rebalance=false)", msg)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+            if self.notice is not None or (self.max_polls is not None and self.polls >= self.max_polls):
+                return
+            self._stop.wait(self.interval_s)
