@@ -5,9 +5,12 @@ every GET carries it in ``X-aws-ec2-metadata-token``. ``/latest/meta-data/spot/i
 404 until AWS schedules an interruption (~2 minutes ahead, best effort), then 200
 ``{"action": "terminate|stop|hibernate", "time": "...Z"}``. AWS recommends polling every 5 s.
 
-Off EC2 the first token request fails fast (short timeout) and the client disables itself, so a
-laptop or CI start-up never stalls on 169.254.169.254. ``AWS_EC2_METADATA_DISABLED=true`` (the AWS
-SDKs' switch) turns it off outright.
+Off EC2 nothing is sent at all: with the default endpoint the client first asks the machine itself
+(DMI vendor / hypervisor UUID, local files) whether it is an EC2 instance, and stays off when it is
+not, so a laptop or CI never sends a packet to 169.254.169.254. Where the machine does look like
+EC2, the first token request fails fast (short timeout) when IMDS is unreachable and the client
+disables itself. ``AWS_EC2_METADATA_DISABLED=true`` (the AWS SDKs' switch) turns it off outright;
+a non-default endpoint (a test's loopback server) is always probed.
 """
 
 from __future__ import annotations
@@ -36,6 +39,24 @@ LIFE_CYCLE_PATH = "/latest/meta-data/instance-life-cycle"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+_EC2_HINTS = ("/sys/class/dmi/id/sys_vendor", "/sys/class/dmi/id/board_asset_tag",
+              "/sys/class/dmi/id/bios_vendor", "/sys/hypervisor/uuid", "/sys/class/dmi/id/product_uuid")
+
+
+def looks_like_ec2(hint_paths=_EC2_HINTS) -> bool:
+    """Local evidence (no network) that this is an EC2 instance: Nitro DMI says "Amazon EC2" and
+    asset tags start with "i-"; Xen instances have a hypervisor UUID starting with "ec2"."""
+    for path in hint_paths:
+        try:
+            with open(path) as f:
+                value = f.read().strip().lower()
+        except OSError:
+            continue
+        if "amazon" in value or value.startswith("ec2") or value.startswith("i-"):
+            return True
+    return False
+
+
 class ImdsClient:
     """Small IMDSv2 client. Every getter returns None when IMDS is disabled or the path is 404."""
 
@@ -48,6 +69,8 @@ class ImdsClient:
         self.disabled = os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true" or not endpoint
         self._probed = False
         self.disabled_reason = "AWS_EC2_METADATA_DISABLED=true" if self.disabled else ""
+        if not self.disabled and self.endpoint == DEFAULT_ENDPOINT and not looks_like_ec2():
+            self.disabled, self.disabled_reason = True, "not an EC2 instance (DMI/hypervisor)"
 
     # ------------------------------------------------------------------ protocol
     def _fetch_token(self) -> str:
