@@ -1,10 +1,11 @@
-"""Checkpoints: DCP shards + an atomic commit marker, on local disk, FSx or s3://.
+"""Checkpoints: DCP shards + an atomic commit marker, on local disk, FSx or s3:// (optionally a
+local tier with a background upload to s3://); ``python -m checkpointing ls|verify|export``.
 
 Never imports ``train``: the manager takes the ``checkpoint`` config section as a plain object.
 """
 
 from checkpointing.errors import CheckpointError, ConfigError
-from checkpointing.manager import CheckpointManager, SaveResult, validate_checkpoint_config
+from checkpointing.manager import ON_SAVE_ERROR, CheckpointManager, SaveResult, validate_checkpoint_config
 from checkpointing.resume import resolve_resume
 from checkpointing.state import AppState, ModelState, OptimState, RNGState
 
@@ -14,6 +15,7 @@ __all__ = [
     "CheckpointManager",
     "ConfigError",
     "ModelState",
+    "ON_SAVE_ERROR",
     "OptimState",
     "RNGState",
     "SaveResult",

@@ -1,12 +1,14 @@
 """The one module that knows torch.distributed.checkpoint's version differences and private bits.
 
 Tested on torch 2.13 (CPU) and meant for 2.11 (GPU image): writer/reader construction, a load
-planner that refuses pickled objects, and ``async_save``'s two return types.
+planner that refuses pickled objects, ``async_save``'s two return types, and the async PROCESS
+checkpointer with a fresh ``DefaultStager`` per save (feature-detected, never version-compared).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import pickle
 import re
@@ -31,7 +33,8 @@ except ImportError:  # pragma: no cover - older layouts
 ERRORS = (Exception, CheckpointException)
 
 __all__ = ["ERRORS", "make_writer", "make_reader", "WeightsOnlyLoadPlanner", "save", "load",
-           "async_save_thread", "read_metadata", "describe", "Stateful"]
+           "async_save_thread", "async_save", "process_mode_unavailable", "AsyncHandle",
+           "read_metadata", "describe", "Stateful"]
 
 
 def make_writer(path: str, is_local: bool, storage_options: Mapping[str, Any]):
@@ -102,12 +105,82 @@ def async_save_thread(state: Mapping[str, Any], writer,
     """
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
-    out = dcp.async_save(dict(state), storage_writer=writer, process_group=process_group,
-                         async_checkpointer_type=AsyncCheckpointerType.THREAD, no_dist=_no_dist())
+    with _quiet_no_dist():
+        out = dcp.async_save(dict(state), storage_writer=writer, process_group=process_group,
+                             async_checkpointer_type=AsyncCheckpointerType.THREAD, no_dist=_no_dist())
     if isinstance(out, Future):
         return None, out
     # AsyncSaveResponse (torch >= 2.9 with a non-blocking stager)
     return out.staging_completion, out.upload_completion
+
+
+def process_mode_unavailable() -> Optional[str]:
+    """Why ``async_mode=process`` cannot run here (None when it can). DCP's checkpoint daemon
+    joins a process group of its own, set up from the trainer's: it needs one initialised."""
+    try:
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+    except ImportError:
+        return f"torch {torch.__version__} has no AsyncCheckpointerType"
+    if not hasattr(AsyncCheckpointerType, "PROCESS"):
+        return f"torch {torch.__version__} has no AsyncCheckpointerType.PROCESS"
+    if _no_dist():
+        return "no initialised process group (DCP's checkpoint daemon process needs one)"
+    return None
+
+
+def _fresh_stager():
+    """A new ``DefaultStager`` for one save, or None where torch has none. Never reused: on torch
+    2.11 a second ``async_save`` through the same stager failed with ``KeyError: <class 'type'>``
+    in ``deepcopy_with_tensor_offload``. Pinned memory and non-blocking copies only with CUDA
+    (pinning needs a CUDA context); shared memory so the daemon process reads the staged copy
+    without another copy; async staging so the trainer is blocked only until ``wait()``."""
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:
+        return None
+    cuda = torch.cuda.is_available()
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=True,
+                                        use_async_staging=True, use_non_blocking_copy=cuda))
+
+
+class AsyncHandle:
+    """One async save in flight: ``staging`` (None once staged / when staging was blocking),
+    ``upload`` (DCP's write future), the stager to close after the write, and the mode used."""
+
+    def __init__(self, staging: Optional[Future], upload: Future, stager: Any, mode: str):
+        self.staging, self.upload, self.stager, self.mode = staging, upload, stager, mode
+
+    def close_stager(self) -> None:
+        stager, self.stager = self.stager, None
+        close = getattr(stager, "close", None)  # a no-op on stagers without one
+        if close is not None:
+            close()
+
+
+def async_save(state: Mapping[str, Any], writer, process_group=None, mode: str = "thread") -> AsyncHandle:
+    """Start an async save in ``mode`` (``thread`` or ``process``); the caller checked
+    ``process_mode_unavailable()`` first. Thread mode stages with the writer itself (blocking
+    copy to host memory); process mode stages asynchronously with a fresh ``DefaultStager``."""
+    if mode == "thread":
+        staging, upload = async_save_thread(state, writer, process_group)
+        return AsyncHandle(staging, upload, None, "thread")
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    # async_stager= arrived with DefaultStager; older DCP stages with the writer (blocking).
+    takes_stager = "async_stager" in inspect.signature(dcp.async_save).parameters
+    stager = _fresh_stager() if takes_stager else None
+    kwargs = {"async_stager": stager} if stager is not None else {}
+    try:
+        out = dcp.async_save(dict(state), storage_writer=writer, process_group=process_group,
+                             async_checkpointer_type=AsyncCheckpointerType.PROCESS, no_dist=_no_dist(),
+                             **kwargs)
+    except BaseException:
+        if stager is not None:
+            getattr(stager, "close", lambda: None)()
+        raise
+    if isinstance(out, Future):
+        return AsyncHandle(None, out, stager, "process")
+    return AsyncHandle(out.staging_completion, out.upload_completion, stager, "process")
 
 
 def read_metadata(path: str, is_local: bool, storage_options: Mapping[str, Any]):

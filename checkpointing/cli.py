@@ -1,9 +1,13 @@
-"""``python -m checkpointing ls|verify RUN_OR_STEP_DIR``: inspect checkpoints without the trainer.
+"""``python -m checkpointing ls|verify|export RUN_OR_STEP_DIR``: checkpoints without the trainer.
 
 ``ls``     one line per step directory: step, status, tokens, size, age.
-``verify`` per step: marker, meta.json and trainer_state.json parse, DCP ``.metadata`` reads, and
-           every shard file it lists exists, covers its byte ranges and reads to the end. Exit 1 if
-           any committed step fails, or a named step directory is not committed, or nothing is found.
+``verify`` per step: OK / PARTIAL (no marker) / FAIL, checking marker, meta.json and
+           trainer_state.json, DCP ``.metadata``, and that every shard file it lists exists, covers
+           its byte ranges and reads to the end; then ``committed: ...`` and ``partial: ...`` lines.
+           Exit 1 if any committed step fails, a named step directory is not committed, or nothing
+           is committed.
+``export`` the model weights as a Hugging Face directory (safetensors + config.json), see
+           ``checkpointing.export``.
 """
 
 from __future__ import annotations
@@ -120,37 +124,78 @@ def verify_step(st: Storage, d: str) -> List[str]:
 
 
 def cmd_verify(path: str, st: Storage) -> int:
+    """One line per step (OK / PARTIAL / FAIL), then which steps are committed and which partial.
+    A partial step (no marker: a save that died, or one in flight) is not a failure of the run,
+    since resume skips it; naming one directly is. A committed step with problems always fails."""
     dirs, single = _step_dirs(st, path)
     if not dirs:
         print(f"FAIL {path}: no step directories")
         return 1
     failed = 0
+    committed_steps, partial_steps = [], []
     for step, d in dirs:
         problems = verify_step(st, d)
         committed = commit.is_committed(st, d)
-        if not problems:
+        if not committed:
+            partial_steps.append(step)
+            failed += int(single)
+            print(f"PARTIAL {d} (no {layout.COMMIT_MARKER} marker: a save that did not finish; "
+                  "resume skips it)")
+            problems = [p for p in problems if "marker" not in p]
+        elif not problems:
+            committed_steps.append(step)
             print(f"OK   {d}")
-        elif committed or single:
+        else:
+            committed_steps.append(step)
             failed += 1
             print(f"FAIL {d}")
-        else:
-            print(f"PARTIAL {d} (uncommitted; resume skips it)")
         for p in problems:
             print(f"     - {p}")
-    n_committed = sum(commit.is_committed(st, d) for _, d in dirs)
+    n_committed = len(committed_steps)
+    print(f"committed: {','.join(map(str, committed_steps)) or '-'}")
+    print(f"partial: {','.join(map(str, partial_steps)) or '-'}")
     print(f"{len(dirs)} step dir(s), {n_committed} committed, {failed} failed")
     return 1 if failed or n_committed == 0 else 0
+
+
+def cmd_export(args, options: Dict[str, Any]) -> int:
+    from checkpointing.errors import CheckpointError
+    from checkpointing.export import export
+
+    try:
+        out = export(args.path, args.out, step=args.step, dtype=args.dtype, config_path=args.config,
+                     storage_options=options, experts_layout=args.experts_layout,
+                     max_shard_bytes=int(args.max_shard_gb * 1e9))
+    except CheckpointError as e:
+        print(f"FAIL {e}")
+        return 1
+    print(f"exported to {out}")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m checkpointing", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name, help_ in (("ls", "list step directories"), ("verify", "check shards and commit markers")):
+    for name, help_ in (("ls", "list step directories"), ("verify", "check shards and commit markers"),
+                        ("export", "export model weights as a Hugging Face directory")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("path", help="a run's checkpoint directory or one step_NNNNNNNNN directory "
                                     "(local, FSx or s3://)")
         p.add_argument("--storage-option", "-o", action="append", default=[], metavar="KEY=VALUE",
                        help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:5000")
+        if name == "export":
+            p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
+            p.add_argument("--step", type=int, default=None, help="step to export (default: newest committed)")
+            p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+            p.add_argument("--config", default=None,
+                           help="config.yaml with the model: section (default: the run directory's)")
+            p.add_argument("--experts-layout", default="per_expert", choices=("per_expert", "fused"),
+                           help="routed experts as the Hub's per-expert tensors (default) or "
+                                "transformers 5's fused 3-D gate_up_proj/down_proj")
+            p.add_argument("--max-shard-gb", type=float, default=5.0)
     args = parser.parse_args(argv)
-    st = Storage(args.path, _parse_options(args.storage_option))
+    options = _parse_options(args.storage_option)
+    if args.cmd == "export":
+        return cmd_export(args, options)
+    st = Storage(args.path, options)
     return {"ls": cmd_ls, "verify": cmd_verify}[args.cmd](args.path, st)

@@ -21,27 +21,58 @@ import torch.distributed as dist
 from checkpointing import _dcp, commit, layout, resume, retention
 from checkpointing.errors import CheckpointError, ConfigError
 from checkpointing.storage import Storage
+from checkpointing.upload import Uploader
 
 log = logging.getLogger(__name__)
 
 ASYNC_MODES = ("off", "thread", "process")
 
 
+ON_SAVE_ERROR = ("continue", "stop")
+
+
 @dataclass
 class SaveResult:
+    """What one ``save`` did. ``committed`` False with ``error`` set: the save failed and was left
+    uncommitted (``on_save_error=continue``); False without ``error``: an async save still in
+    flight (its final result comes from ``wait_committed()`` / ``close()`` / ``last_save_stats()``),
+    or, on ranks other than 0 after an async save, a write that succeeded but whose marker only
+    rank 0 writes (decide on rank 0's value)."""
+
     path: str
     step: int
-    seconds: float  # time the caller was blocked (sync: all of it; thread: staging)
+    seconds: float  # time the caller was blocked in save() (sync: all of it; async: until staged/started)
     bytes: int  # size of the step directory (rank 0; -1 on other ranks and before an async commit)
     committed: bool = True
+    error: Optional[str] = None
+    staging_s: float = 0.0  # save() start -> state copied to host memory (sync: 0, written in place)
+    blocked_s: float = 0.0  # caller blocked: in save() plus in wait() for this save's staging
+    commit_s: float = 0.0  # save() start -> marker written (rank 0) / write done (other ranks)
+    mode: str = "off"  # the async mode actually used (process falls back to thread, logged)
+
+    def stats(self) -> Dict[str, Any]:
+        """Flat metrics for the trainer's metrics line / JSONL."""
+        # ok = no failure seen by this rank (after an async save only rank 0 sees the marker, so
+        # ``committed`` is rank 0's to report; the trainer logs rank 0's metrics)
+        return {"ckpt_step": self.step, "ckpt_ok": int(self.error is None),
+                "ckpt_staging_s": self.staging_s, "ckpt_blocked_s": self.blocked_s,
+                "ckpt_commit_s": self.commit_s, "ckpt_bytes": self.bytes}
 
 
 def validate_checkpoint_config(cfg: Any) -> None:
     """Rules for the ``checkpoint`` section; each message names the key and the fix."""
     if cfg.async_mode not in ASYNC_MODES:
         raise ConfigError(f"checkpoint.async_mode={cfg.async_mode!r} must be one of {', '.join(ASYNC_MODES)}")
-    if cfg.async_mode == "process":
-        raise ConfigError("checkpoint.async_mode=process is not implemented yet; use off or thread")
+    on_error = getattr(cfg, "on_save_error", "stop")
+    if on_error not in ON_SAVE_ERROR:
+        raise ConfigError(f"checkpoint.on_save_error={on_error!r} must be one of {', '.join(ON_SAVE_ERROR)}")
+    upload_root = getattr(cfg, "upload_root", "") or ""
+    if upload_root and "://" not in upload_root:
+        raise ConfigError(f"checkpoint.upload_root={upload_root!r} must be a URL such as "
+                          "s3://bucket/prefix (or empty for one tier)")
+    if upload_root and "://" in (cfg.root or ""):
+        raise ConfigError(f"checkpoint.upload_root is set but checkpoint.root={cfg.root!r} is already "
+                          "remote: two tiers means a local (or FSx) root plus an s3:// upload_root")
     for key in ("every_steps", "keep_last", "keep_every"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"checkpoint.{key}={getattr(cfg, key)} must be >= 0 (0 = off)")
@@ -76,8 +107,9 @@ def _materialise(state: Mapping[str, Any]) -> Dict[str, Any]:
 
 class CheckpointManager:
     """One per rank. ``cfg`` is the ``checkpoint`` config section (duck-typed: root, keep_last,
-    keep_every, resume, async_mode, storage_options). With a process group, every method except
-    the ``list``/``committed_steps`` queries is collective: call it on every rank."""
+    keep_every, resume, async_mode, storage_options; optional on_save_error, upload_root). With a
+    process group, every method except the ``list``/``committed_steps`` queries is collective:
+    call it on every rank."""
 
     def __init__(self, cfg: Any, output_dir: str, run_name: str, rank: int = 0, world_size: int = 1,
                  process_group: Optional["dist.ProcessGroup"] = None):
@@ -86,13 +118,30 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
         self.process_group = process_group
+        self.on_save_error: str = getattr(cfg, "on_save_error", "stop")
         self.storage_options: Dict[str, Any] = dict(cfg.storage_options or {})
         self.run_dir = layout.run_checkpoint_dir(cfg.root, output_dir, run_name)
         self.storage = Storage(self.run_dir, self.storage_options)
         self._executor: Optional[ThreadPoolExecutor] = None
-        self._inflight: Optional[Future] = None  # background upload + commit of an async save
-        self._staging: Optional[Future] = None
-        self._inflight_step: Optional[int] = None
+        self._inflight: Optional[Future] = None  # background write + commit of an async save
+        self._handle: Optional[_dcp.AsyncHandle] = None
+        self._record: Optional[SaveResult] = None  # the in-flight async save's (growing) record
+        self._last: Optional[SaveResult] = None  # the last save that finished (or failed)
+        self._async_mode = self._resolve_async_mode(cfg.async_mode)
+        upload_root = getattr(cfg, "upload_root", "") or ""
+        self.uploader: Optional[Uploader] = None
+        if upload_root:
+            self.uploader = Uploader(self.storage, self.run_dir, layout.join(upload_root, run_name),
+                                     self.storage_options, cfg.keep_last, cfg.keep_every)
+
+    def _resolve_async_mode(self, mode: str) -> str:
+        if mode != "process":
+            return mode
+        reason = _dcp.process_mode_unavailable()
+        if reason is None:
+            return "process"
+        log.warning("checkpoint.async_mode=process unavailable: %s; using async_mode=thread", reason)
+        return "thread"
 
     # -- distributed helpers -----------------------------------------------------------------
     @property
@@ -115,36 +164,70 @@ class CheckpointManager:
     def committed_steps(self) -> List[int]:
         return commit.list_committed(self.storage, self.run_dir)
 
+    def last_save_stats(self) -> Dict[str, Any]:
+        """Metrics of the last save that finished (committed or failed); {} before the first.
+        Keys: ckpt_step, ckpt_ok, ckpt_staging_s, ckpt_blocked_s, ckpt_commit_s, ckpt_bytes, plus
+        ckpt_upload_ok / ckpt_upload_s / ckpt_upload_bytes of the last upload with two tiers."""
+        out = self._last.stats() if self._last is not None else {}
+        if self.uploader is not None and self.uploader.last:
+            up = self.uploader.last
+            out.update(ckpt_upload_step=up["step"], ckpt_upload_ok=int(up["ok"]),
+                       ckpt_upload_s=up["seconds"], ckpt_upload_bytes=up.get("bytes", -1))
+        return out
+
     # -- save --------------------------------------------------------------------------------
     def save(self, step: int, state: Mapping[str, Any], meta: Optional[Mapping[str, Any]] = None,
              trainer_state: Optional[Mapping[str, Any]] = None) -> SaveResult:
         """Write ``state`` through DCP and commit step ``step``. Sync mode returns after the commit;
-        thread mode returns once the state is staged to host memory (call ``wait()`` before the next
-        optimizer step and ``wait_committed()`` before exiting). A step already committed (a final
-        save at the step of the last periodic one) is not written again."""
+        async modes return once the write has started (thread: state staged; process: staging under
+        way): call ``wait()`` before the next optimizer step and ``close()`` before exiting. A step
+        already committed (a final save at the step of the last periodic one) is not written again.
+
+        A failed save is never committed. ``on_save_error=stop`` raises CheckpointError;
+        ``continue`` logs an ERROR line and returns a SaveResult with ``committed=False`` and
+        ``error`` set (an async save's failure surfaces at the next ``save``/``wait_committed``/
+        ``close``, the same way). Every rank sees the same outcome."""
         self.wait_committed()  # never two saves in flight
-        path = self.step_path(step)
         t0 = time.perf_counter()
+        try:
+            return self._save(step, state, meta, trainer_state, t0)
+        except CheckpointError as e:
+            res = SaveResult(self.step_path(step), step, time.perf_counter() - t0, -1, committed=False,
+                             error=str(e), blocked_s=time.perf_counter() - t0,
+                             commit_s=time.perf_counter() - t0, mode=self.cfg.async_mode)
+            return self._failed(res, e)
+
+    def _failed(self, res: SaveResult, exc: CheckpointError) -> SaveResult:
+        self._last = res
+        if self.on_save_error == "stop":
+            log.error("checkpoint save of step %d FAILED: %s (checkpoint.on_save_error=stop)", res.step, exc)
+            raise exc
+        log.error("checkpoint save of step %d FAILED, training continues "
+                  "(checkpoint.on_save_error=continue): %s", res.step, exc)
+        return res
+
+    def _save(self, step: int, state: Mapping[str, Any], meta: Optional[Mapping[str, Any]],
+              trainer_state: Optional[Mapping[str, Any]], t0: float) -> SaveResult:
+        path = self.step_path(step)
         prep = self._broadcast_from_0(self._prepare_step_dir(path) if self.rank == 0 else None)
         if prep["error"]:
             raise CheckpointError(f"saving checkpoint {path} failed before writing: {prep['error']}")
         if prep["committed"]:
             log.info("checkpoint %s is already committed; not saving it again", path)
-            return SaveResult(path, step, 0.0, -1, committed=True)
-        plain = _materialise(state)
+            return SaveResult(path, step, 0.0, -1, committed=True, mode=self._async_mode)
+        try:
+            plain = _materialise(state)
+        except CheckpointError:
+            raise
+        except _dcp.ERRORS as e:
+            raise CheckpointError(f"saving checkpoint {path} failed reading the state: {_dcp.describe(e)}") from e
         full_meta = layout.build_meta(step, self.world_size, meta or {})
         trainer_state = dict(trainer_state or {})
-        writer = _dcp.make_writer(self.storage.native(path), self.storage.is_local, self.storage_options)
+        writer = _dcp.make_writer(self.storage.native(path), self.storage.is_local,
+                                  self.storage.storage_options)
 
-        if self.cfg.async_mode == "thread":
-            staging, upload = _dcp.async_save_thread(plain, writer, self.process_group)
-            del plain  # the stager holds its own host copy
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
-            self._staging = staging
-            self._inflight_step = step
-            self._inflight = self._executor.submit(self._finish_async, path, upload, full_meta, trainer_state)
-            return SaveResult(path, step, time.perf_counter() - t0, -1, committed=False)
+        if self._async_mode in ("thread", "process"):
+            return self._start_async(path, step, plain, writer, full_meta, trainer_state, t0)
 
         error = None
         try:
@@ -158,17 +241,72 @@ class CheckpointManager:
                 commit.write_commit(self.storage, path, full_meta, trainer_state)
             except Exception as e:  # noqa: BLE001
                 errors = [f"commit: {type(e).__name__}: {e}"]
-        status = self._broadcast_from_0(
-            {"errors": errors, "bytes": self.storage.tree_size(path) if not errors else -1}
-            if self.rank == 0 else None)
+        nbytes = -1
+        if not errors and self.rank == 0:
+            try:
+                nbytes = self.storage.tree_size(path)
+            except Exception as e:  # noqa: BLE001 - the commit stands; the size is a statistic
+                log.warning("could not size %s: %s: %s", path, type(e).__name__, e)
+        status = self._broadcast_from_0({"errors": errors, "bytes": nbytes} if self.rank == 0 else None)
         if status["errors"]:
             raise CheckpointError(f"saving checkpoint {path} failed (left uncommitted): "
                                   + "; ".join(status["errors"]))
         seconds = time.perf_counter() - t0
+        res = SaveResult(path, step, seconds, status["bytes"] if self.rank == 0 else -1,
+                         blocked_s=seconds, commit_s=seconds, mode="off")
         if self.rank == 0:
             log.info("checkpoint %s committed: %.1f MB in %.2f s", path, status["bytes"] / 1e6, seconds)
-            self._apply_retention()
-        return SaveResult(path, step, seconds, status["bytes"] if self.rank == 0 else -1)
+            self._after_commit(step)
+        self._last = res
+        return res
+
+    def _start_async(self, path, step, plain, writer, full_meta, trainer_state, t0) -> SaveResult:
+        try:
+            handle = _dcp.async_save(plain, writer, self.process_group, self._async_mode)
+        except _dcp.ERRORS as e:
+            raise CheckpointError(f"saving checkpoint {path} failed to start: {_dcp.describe(e)}") from e
+        del plain  # the stager holds its own host copy
+        started = time.perf_counter() - t0
+        record = SaveResult(path, step, started, -1, committed=False, blocked_s=started,
+                            mode=self._async_mode)
+        if handle.staging is None:
+            record.staging_s = started
+        else:
+            handle.staging.add_done_callback(
+                lambda _f: setattr(record, "staging_s", time.perf_counter() - t0))
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
+        self._handle, self._record = handle, record
+        self._inflight = self._executor.submit(self._finish_async, record, handle, full_meta,
+                                               trainer_state, t0)
+        return SaveResult(**{**record.__dict__})
+
+    def _finish_async(self, record: SaveResult, handle: "_dcp.AsyncHandle", meta: Dict[str, Any],
+                      trainer_state: Dict[str, Any], t0: float) -> SaveResult:
+        """Background: the marker only after the write future completed. DCP's save finishes on
+        rank 0 only after gathering every rank's write results, so rank 0 needs no extra barrier."""
+        try:
+            handle.upload.result()
+        finally:
+            handle.close_stager()
+        path = record.path
+        if self.rank == 0:
+            commit.write_commit(self.storage, path, meta, trainer_state)
+            record.bytes = self.storage.tree_size(path)
+        record.commit_s = time.perf_counter() - t0
+        record.committed = self.rank == 0  # other ranks cannot see the marker being written
+        if self.rank == 0:
+            log.info("checkpoint %s committed in the background (%s): %.1f MB, staged in %.2f s, "
+                     "committed %.2f s after save()", path, record.mode, record.bytes / 1e6,
+                     record.staging_s, record.commit_s)
+            self._after_commit(record.step)
+        return record
+
+    def _after_commit(self, step: int) -> None:
+        """Rank 0, after a commit: retention, then (two tiers) queue the upload."""
+        self._apply_retention()
+        if self.uploader is not None:
+            self.uploader.submit(step)
 
     def _prepare_step_dir(self, path: str) -> Dict[str, Any]:
         """Rank 0, before any rank writes: is the step already committed? Else clear leftovers of a
@@ -192,49 +330,54 @@ class CheckpointManager:
         dist.all_gather_object(gathered, error, group=self.process_group)
         return [f"rank {r}: {e}" for r, e in enumerate(gathered) if e]
 
-    def _finish_async(self, path: str, upload: Future, meta: Dict[str, Any],
-                      trainer_state: Dict[str, Any]) -> SaveResult:
-        """Background: the marker only after the upload future completed. DCP's save finishes on
-        rank 0 only after gathering every rank's write results, so rank 0 needs no extra barrier."""
-        t0 = time.perf_counter()
-        upload.result()
-        if self.rank != 0:
-            return SaveResult(path, meta["step"], 0.0, -1, committed=False)
-        commit.write_commit(self.storage, path, meta, trainer_state)
-        nbytes = self.storage.tree_size(path)
-        log.info("checkpoint %s committed in the background: %.1f MB, %.2f s after staging",
-                 path, nbytes / 1e6, time.perf_counter() - t0)
-        self._apply_retention()
-        return SaveResult(path, meta["step"], time.perf_counter() - t0, nbytes)
-
     def wait(self) -> None:
         """Block until the in-flight async save has staged its copy (call before the optimizer
-        mutates the parameters again). A no-op in sync mode."""
-        if self._staging is not None:
-            self._staging.result()
-            self._staging = None
+        mutates the parameters again). A no-op in sync mode and once staged."""
+        handle = self._handle
+        if handle is not None and handle.staging is not None:
+            t = time.perf_counter()
+            try:
+                handle.staging.result()
+            finally:
+                handle.staging = None
+                if self._record is not None:
+                    self._record.blocked_s += time.perf_counter() - t
 
     def wait_committed(self) -> Optional[SaveResult]:
-        """Block until the in-flight async save is written and (rank 0) committed. Raises
-        CheckpointError if it failed. Returns its result, or None when nothing was in flight."""
-        self.wait()
+        """Block until the in-flight async save is written and (rank 0) committed. Returns its
+        result, or None when nothing was in flight. A failure follows ``on_save_error``: stop
+        raises CheckpointError, continue logs it and returns the failed SaveResult."""
+        try:
+            self.wait()
+        except _dcp.ERRORS:
+            pass  # the same failure surfaces from the write future below
         if self._inflight is None:
             return None
-        fut, step = self._inflight, self._inflight_step
-        self._inflight = self._inflight_step = None
+        fut, record = self._inflight, self._record
+        self._inflight = self._handle = self._record = None
         try:
-            return fut.result()
+            res = fut.result()
         except _dcp.ERRORS as e:
-            raise CheckpointError(f"async save of {self.step_path(step)} failed (left uncommitted): "
-                                  f"{_dcp.describe(e)}") from e
+            record.error = _dcp.describe(e)
+            record.committed = False
+            record.commit_s = 0.0
+            err = CheckpointError(f"async save of {record.path} failed (left uncommitted): {record.error}")
+            return self._failed(record, err)
+        self._last = res
+        return res
 
-    def close(self) -> None:
+    def close(self) -> Optional[SaveResult]:
+        """Finish the in-flight save (and, with two tiers, its upload). Call before exiting; the
+        result is that save's (None when none was in flight): check ``committed`` before exiting
+        with "interrupted, resubmit" (75) after an async final save."""
         try:
-            self.wait_committed()
+            return self.wait_committed()
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self.uploader is not None:
+                self.uploader.close()
 
     def _apply_retention(self) -> None:
         steps = self.committed_steps()
@@ -259,7 +402,7 @@ class CheckpointManager:
         try:
             meta = commit.read_meta(st, path)
             trainer_state = commit.read_trainer_state(st, path)
-            reader = _dcp.make_reader(st.native(path), st.is_local, self.storage_options)
+            reader = _dcp.make_reader(st.native(path), st.is_local, st.storage_options)
             _dcp.load(state, reader, self.process_group)
         except _dcp.ERRORS as e:
             raise CheckpointError(f"loading checkpoint {path} failed: {_dcp.describe(e)}") from e
@@ -270,6 +413,21 @@ class CheckpointManager:
                      path, meta.get("world_size"), self.world_size)
         return meta
 
+    def _two_tier_candidates(self, local: List[str]) -> List[str]:
+        """Newest committed step of either tier first; at equal steps the local copy first (faster
+        to read), the remote one as its fallback. A remote step without its marker (an upload that
+        did not finish) is skipped like a local one. Remote copies are read in place via fsspec."""
+        remote_steps = self.uploader.committed_steps()
+        by_step: Dict[int, List[str]] = {}
+        for path in local:
+            by_step.setdefault(layout.parse_step(path), []).append(path)
+        for step in remote_steps:
+            by_step.setdefault(step, []).append(layout.step_dir(self.uploader.remote_run_dir, step))
+        out = [p for step in sorted(by_step, reverse=True) for p in by_step[step]]
+        if out and out[0] not in local:
+            log.info("newest committed checkpoint is on the upload tier: %s", out[0])
+        return out
+
     def load_latest(self, state: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
         """Resume per ``checkpoint.resume``. ``auto``: newest committed step first; one that fails
         to load is skipped with a warning naming it and the next older one is tried; if committed
@@ -277,6 +435,8 @@ class CheckpointManager:
         loaded checkpoint's meta (see ``load``), or None for a fresh start."""
         candidates = resume.resume_candidates(self.cfg.resume, self.run_dir, self.storage,
                                               self.storage_options)
+        if self.cfg.resume == resume.AUTO and self.uploader is not None:
+            candidates = self._two_tier_candidates(candidates)
         if not candidates:
             if self.cfg.resume == resume.AUTO:
                 log.info("no committed checkpoint under %s: starting fresh", self.run_dir)

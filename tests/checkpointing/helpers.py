@@ -23,6 +23,8 @@ class Cfg:
     async_mode: str = "off"
     save_final: bool = True
     storage_options: Dict[str, Any] = field(default_factory=dict)
+    on_save_error: str = "stop"
+    upload_root: str = ""
 
 
 class Tiny(nn.Module):

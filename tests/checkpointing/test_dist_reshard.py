@@ -1,5 +1,6 @@
 """Real 2-process gloo groups with an FSDP2-sharded model + AdamW:
-2 ranks save → 1 process loads; 1 process saves → 2 ranks load; 3 async (thread) saves on 2 ranks."""
+2 ranks save → 1 process loads; 1 process saves → 2 ranks load; 3 async saves on 2 ranks in thread
+and in process mode."""
 
 import copy
 from datetime import timedelta
@@ -78,24 +79,28 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         if rank == 0:
             torch.save(ref, f"{out_dir}/ref_run.pt")
 
-        # three consecutive thread-async saves, DCP on its own gloo group (the default group
-        # stays free for training collectives while the upload runs)
+        # three consecutive async saves per mode, DCP on its own gloo group (the default group
+        # stays free for training collectives while the write runs); process mode's daemon
+        # processes build their own group from it
         ckpt_pg = dist.new_group(backend="gloo")
-        amgr = CheckpointManager(Cfg(async_mode="thread", keep_last=2), out_dir, "async", rank=rank,
-                                 world_size=WORLD, process_group=ckpt_pg)
-        for step in (3, 4, 5):
-            train_steps(model, opt, 1, seed=step)
-            amgr.save(step, _state(model, opt), meta={"tokens": step})
-            amgr.wait()
-            if step == 5:
-                ref = _full(model, opt)
-            train_steps(model, opt, 1, seed=100 + step)  # runs while the upload may still be going
-        amgr.close()
-        dist.barrier()
-        if rank == 0:
-            assert amgr.committed_steps() == [4, 5]
-            torch.save(ref, f"{out_dir}/ref_async.pt")
-        dist.barrier()
+        for mode in ("thread", "process"):
+            amgr = CheckpointManager(Cfg(async_mode=mode, keep_last=2), out_dir, f"async_{mode}",
+                                     rank=rank, world_size=WORLD, process_group=ckpt_pg)
+            assert amgr._async_mode == mode  # no fallback with a process group
+            for step in (3, 4, 5):
+                train_steps(model, opt, 1, seed=step)
+                amgr.save(step, _state(model, opt), meta={"tokens": step})
+                amgr.wait()
+                if step == 5:
+                    ref = _full(model, opt)
+                train_steps(model, opt, 1, seed=100 + step)  # runs while the write may still be going
+            amgr.close()
+            dist.barrier()
+            if rank == 0:
+                assert amgr.committed_steps() == [4, 5]
+                assert amgr.last_save_stats()["ckpt_ok"] == 1
+                torch.save(ref, f"{out_dir}/ref_async_{mode}.pt")
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -114,14 +119,14 @@ def test_gloo_two_ranks_reshard_and_async(tmp_path):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=90)
+        p.join(timeout=120)
     for p in procs:
         if p.is_alive():
             p.kill()
             p.join()
     assert [p.exitcode for p in procs] == [0] * WORLD
 
-    for run, step in (("run", 2), ("async", 5)):
+    for run, step in (("run", 2), ("async_thread", 5), ("async_process", 5)):
         ref = torch.load(tmp_path / f"ref_{run}.pt", weights_only=True)
         model, opt = make(seed=123)
         meta = CheckpointManager(Cfg(), str(tmp_path), run).load_latest(_state(model, opt))

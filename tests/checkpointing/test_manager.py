@@ -250,9 +250,15 @@ def test_storage_write_atomic_local(tmp_path):
     assert os.listdir(tmp_path / "a") == ["f.json"]  # no temp files left behind
 
 
-def test_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="checkpoint.async_mode=process"):
-        _mgr(tmp_path, async_mode="process")
+def test_config_errors(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        # no process group here: DCP's checkpoint daemon needs one, so thread mode, said in the log
+        assert _mgr(tmp_path, async_mode="process")._async_mode == "thread"
+    assert "async_mode=process unavailable" in caplog.text and "process group" in caplog.text
+    with pytest.raises(ConfigError, match="checkpoint.on_save_error='maybe'"):
+        _mgr(tmp_path, on_save_error="maybe")
+    with pytest.raises(ConfigError, match="checkpoint.upload_root"):
+        _mgr(tmp_path, upload_root="/not/a/url")
     with pytest.raises(ConfigError, match="checkpoint.async_mode='bogus'"):
         _mgr(tmp_path, async_mode="bogus")
     with pytest.raises(ConfigError, match="checkpoint.keep_last=-1"):
