@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from model.config import ModelConfig
-from model.transformer import Transformer
 
 
 @dataclass
@@ -41,19 +39,3 @@ def resolve_runtime(device: str, precision: str, local_rank: int = 0) -> Runtime
         # (bf16 is fast only on CPUs with AMX).
         precision = "bf16" if dev.type == "cuda" else "fp32"
     return Runtime(dev, torch.bfloat16 if precision == "bf16" else None)
-
-
-def build_model(cfg: ModelConfig, runtime: Runtime, seed: int) -> Transformer:
-    """Construct on the meta device (no memory, no init cost), then materialise and initialise
-    from the seed on the target device."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.init_weights(seed, device=runtime.device)
-    return model
-
-
-def compile_blocks(model: Transformer) -> None:
-    """torch.compile each transformer block (not the whole model): small graphs, fast compiles,
-    and the MoE dispatch stays inside one block's graph."""
-    for block in model.layers.values():
-        block.compile()  # in place: parameter names (and so checkpoints) do not change

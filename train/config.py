@@ -125,6 +125,8 @@ class HealthConfig:
     straggler_min_slow: int = 3  # k: windows over the threshold before a rank is named
     nan_max_skips: int = 3  # consecutive non-finite steps skipped before on_exhausted
     nan_on_exhausted: str = "rollback"  # rollback (to the last committed checkpoint) | stop
+    # Fault injection for drills and tests: the loss of these (1-based) steps is made NaN.
+    fault_inject_nan_steps: List[int] = field(default_factory=list)
 
 
 @dataclass

@@ -11,9 +11,9 @@ import sys
 import os
 
 from moe.config import ConfigError
-from parallelism.process_group import init_distributed, shutdown
+from parallelism.process_group import env_ranks, init_distributed, shutdown
 from train.config import TrainConfig
-from train.exit_codes import EXIT_CRASH
+from train.exit_codes import EXIT_CONFIG, EXIT_CRASH, EXIT_UNHEALTHY
 from train.run_dir import run_dir, run_name
 from train.validate import validate_train_config
 
@@ -65,27 +65,46 @@ def run(cfg: TrainConfig) -> int:
 
     start_time = process_start_time()  # interpreter start and imports are billed too
     validate_train_config(cfg)  # before any process group or allocation
+    from health.runtime import HealthRuntime
+    from parallelism.efa import apply_efa_env, versions_report
+    from parallelism.process_group import apply_slurm_env
     from train.build import resolve_runtime
 
-    runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision,
-                              int(os.environ.get("LOCAL_RANK", 0)))
+    apply_slurm_env()  # srun without torchrun: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from Slurm
+    directory = run_dir(cfg)
+    rank, world, local_rank = env_ranks()
+    health = HealthRuntime(cfg.health, rank=rank, local_rank=local_rank, world_size=world, run_dir=directory)
+    health.apply_early_env()  # NCCL flight recorder: must precede the process group
+    efa = apply_efa_env()
+    runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, local_rank)
     ctx = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, runtime.device_type)
+    health.group = ctx.control_group
+    code = EXIT_CRASH
     try:
-        directory = run_dir(cfg)
         setup_logging(directory, ctx.rank)
         if ctx.is_main:
             write_resolved_config(cfg, directory)
+            log.info("versions: %s", versions_report())
+            for setting in efa.get("set", []):
+                log.info("EFA: set %s=%s (%s)", setting.key, setting.value, setting.reason)
+        expected = cfg.health.expected_gpus or cfg.cluster.accelerators_per_node
+        report = health.preflight(expected, cfg.cluster.instance_type) if runtime.device_type == "cuda" else None
+        if report is not None and not report.healthy:
+            code = EXIT_UNHEALTHY
+            return code
         from train.trainer import Trainer
 
-        trainer = Trainer(cfg, directory, run_name(cfg), runtime, ctx, start_time)
-        return trainer.run()
+        trainer = Trainer(cfg, directory, run_name(cfg), runtime, ctx, start_time, health)
+        code = trainer.run()
+        return code
     except ConfigError:
+        code = EXIT_CONFIG
         raise
     except Exception:
         log.exception("training crashed")
-        return EXIT_CRASH
+        code = EXIT_CRASH
+        return code
     finally:
+        health.shutdown()
+        health.exit(code, "")  # torchrun reports 1 for any failure: the record keeps the real code
         shutdown()
-
-
-

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moe.balance import update_expert_bias
+from parallelism.parallelize import clip_grad_norm, grad_norm as total_grad_norm
 from train.build import Runtime
 
 
@@ -19,6 +20,7 @@ class StepResult:
     aux_loss: torch.Tensor  # MoE auxiliary losses, averaged over micro-batches
     grad_norm: torch.Tensor
     data_wait_s: float
+    verdict: str = "ok"  # the non-finite guard's: ok | skip | rollback | stop (no update unless ok)
 
 
 def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
@@ -35,6 +37,8 @@ def train_step(
     bias_update_rate: float,
     reduce_counts: Callable[[torch.Tensor], None] | None = None,
     before_optimizer_step: Callable[[], None] | None = None,
+    guard: Callable[[torch.Tensor], str] | None = None,
+    poison: bool = False,
 ) -> StepResult:
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)
@@ -49,25 +53,35 @@ def train_step(
         with runtime.autocast():
             logits_BTV, aux = model(inputs_BT)
         loss = lm_loss(logits_BTV, targets_BT)
+        if poison:  # fault injection (health.fault_inject_nan_steps): drills of the NaN guard
+            loss = loss * float("nan")
         # Every micro-batch has the same number of tokens, so averaging the per-micro-batch means
         # gives the mean over the global batch slice this rank holds.
         ((loss + aux) / n_micro).backward()
         loss_sum += loss.detach()
         aux_sum += aux.detach()
     params = [p for p in model.parameters() if p.grad is not None]
+    # Works for plain tensors and for DTensors on different meshes (experts under EP).
     if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+        grad_norm = clip_grad_norm(params, grad_clip)
     else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        grad_norm = total_grad_norm(params)
+    # The guard reads the global grad norm (the same on every rank, so every rank decides alike):
+    # the step's one host synchronisation. A non-finite loss makes the gradients non-finite too.
+    verdict = guard(grad_norm) if guard is not None else "ok"
+    if verdict != "ok":
+        optimizer.zero_grad(set_to_none=True)
+        update_expert_bias(model, 0.0, reduce_fn=None)  # drop this step's counts, bias unchanged
+        return StepResult(loss_sum / n_micro, aux_sum / n_micro, grad_norm, data_wait, verdict)
     if before_optimizer_step is not None:
         # An async checkpoint must finish staging its copy before the parameters change; waiting
         # here (not right after the save) overlaps staging with this step's forward/backward.
         before_optimizer_step()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if bias_update_rate > 0:
-        update_expert_bias(model, bias_update_rate, reduce_fn=reduce_counts)
-    return StepResult(loss_sum / n_micro, aux_sum / n_micro, grad_norm, data_wait)
+    # Once per optimizer step, outside autograd; rate 0 still snapshots the counts for the stats.
+    update_expert_bias(model, bias_update_rate, reduce_fn=reduce_counts)
+    return StepResult(loss_sum / n_micro, aux_sum / n_micro, grad_norm, data_wait, verdict)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The training loop: build, resume, step, log, evaluate, checkpoint, decide to stop."""
+"""The training loop: build, resume, step, log, evaluate, checkpoint, decide together to stop."""
 
 from __future__ import annotations
 
@@ -8,42 +8,58 @@ import time
 
 import torch
 
-from model.flops import flops_per_token, total_params, matmul_params
+from model.flops import flops_per_token, matmul_params, total_params
+from model.transformer import Transformer
 from moe.balance import routing_stats
-from train.build import Runtime, build_model, compile_blocks
+from train.build import Runtime
 from train.config import TrainConfig
-from train.exit_codes import EXIT_BUDGET, EXIT_OK
+from train.exit_codes import EXIT_BUDGET, EXIT_CRASH, EXIT_OK
 from train.optim import build_optimizer, lr_at, set_lr
-from train.step import evaluate, train_step
 from train.run_dir import config_hash
+from train.step import evaluate, train_step
 from train.validate import resolved_micro_batch
 
 log = logging.getLogger("moeforge")
 
+FIRST_STEP_GRACE_S = 900.0  # compile and first-touch allocations: the hang watchdog waits longer
+
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str, run_name: str, runtime: Runtime, ctx, start_time: float):
+    def __init__(self, cfg: TrainConfig, run_dir: str, run_name: str, runtime: Runtime, ctx, start_time: float,
+                 health):
         self.cfg, self.run_dir, self.run_name = cfg, run_dir, run_name
-        self.runtime, self.ctx, self.start_time = runtime, ctx, start_time
+        self.runtime, self.ctx, self.start_time, self.hr = runtime, ctx, start_time, health
         self.step = 0
         self.samples = 0  # global data cursor: samples consumed by all ranks together
         self.best_val = float("inf")
         self.evals_since_best = 0
+        self.metrics = None
+        self._resume_wandb_id = None
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
         from checkpointing.manager import CheckpointManager
-        from train.goodput import RunAccounting
+        from parallelism.expert_parallel import make_count_reducer
+        from parallelism.parallelize import parallelize
         from train.data import build_datasets
+        from train.goodput import RunAccounting
 
         cfg, t = self.cfg, self.cfg.trainer
         self.train_ds, self.val_ds, self.data_info = build_datasets(cfg.data, cfg.model.vocab_size, None)
-        self.model = build_model(cfg.model, self.runtime, t.seed)
-        if t.compile:
-            compile_blocks(self.model)
+        # Meta device first: parallelize (EP -> activation checkpointing -> compile -> FSDP) shards
+        # nothing but metadata, then init_weights materialises each rank's shards from the seed.
+        with torch.device("meta"):
+            self.model = Transformer(cfg.model)
+        fsdp_bf16 = self.ctx.world_size > 1 and self.runtime.amp_dtype is not None
+        parallelize(self.model, cfg.parallel, self.ctx, self.runtime.device_type,
+                    param_dtype=self.runtime.amp_dtype if fsdp_bf16 else None,
+                    activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+        self.model.init_weights(t.seed, device=self.runtime.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
-        self.ckpt = CheckpointManager(cfg.checkpoint, self._ckpt_base(), self.run_name,
-                                      rank=self.ctx.rank, world_size=self.ctx.world_size)
+        meshes = getattr(self.model, "meshes", None)
+        self.reduce_counts = make_count_reducer(meshes.dp_group) if meshes is not None and self.ctx.distributed else None
+        self.ckpt = CheckpointManager(cfg.checkpoint, self._ckpt_base(), self.run_name, rank=self.ctx.rank,
+                                      world_size=self.ctx.world_size, process_group=self.ctx.control_group)
         self.acct = RunAccounting(cfg.cluster, cfg.cost, self.run_dir, self.start_time, rank=self.ctx.rank)
         self.cost = self.acct.meter
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
@@ -67,110 +83,150 @@ class Trainer:
             "best_val": None if self.best_val == float("inf") else self.best_val,
             "evals_since_best": self.evals_since_best,
             **self.acct.state_dict(),  # cost, goodput, budget
+            "nan_guard": self.hr.nan_guard.state_dict(),
             "wandb_run_id": getattr(self.metrics, "wandb_run_id", None),
             "data": self.data_info,
+            "world_size": self.ctx.world_size,
         }
 
-    def _resume(self) -> None:
+    def _load_latest(self) -> dict | None:
         meta = self.ckpt.load_latest(self._state())
         if meta is None:
-            log.info("fresh start: no committed checkpoint for run %s", self.run_name)
-            log.info(self.acct.resume(None, 0).message())
-            return
+            return None
         ts = meta["trainer_state"]
         self.step, self.samples = ts["step"], ts["samples_consumed"]
         self.best_val = float("inf") if ts["best_val"] is None else ts["best_val"]
         self.evals_since_best = ts["evals_since_best"]
+        self.hr.nan_guard.load_state_dict(ts.get("nan_guard", {}))
+        return ts
+
+    def _resume(self) -> None:
+        ts = self._load_latest()
+        if ts is None:
+            log.info("fresh start: no committed checkpoint for run %s", self.run_name)
+            log.info(self.acct.resume(None, 0).message())
+            return
         log.info(self.acct.resume(ts, self.step).message())
         self._resume_wandb_id = ts.get("wandb_run_id")
-        log.info("resumed from step %d (%d samples consumed)", self.step, self.samples)
+        log.info("resumed from step %d (%d samples consumed, saved at world size %s, now %d)", self.step,
+                 self.samples, ts.get("world_size", "?"), self.ctx.world_size)
 
-    # ------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------ run
     def run(self) -> int:
-        from train.data import rank_micro_batches, validation_batches
+        code, reason = EXIT_CRASH, "crash"
+        try:
+            code, reason = self._run()
+            return code
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+            if hasattr(self, "acct"):
+                log.info(self.acct.finish(code, reason))
+
+    def _run(self) -> tuple[int, str]:
         from train.metrics import MetricsLogger
 
         cfg, t = self.cfg, self.cfg.trainer
         self._build()
-        self._resume_wandb_id = None
         self._resume()
-        self.metrics = MetricsLogger(self.run_dir, self.ctx.rank, cfg.logging,
-                                     run_config=_as_dict(cfg), resume_wandb_id=self._resume_wandb_id,
-                                     total_steps=t.max_steps, start_step=self.step)
+        self.metrics = MetricsLogger(self.run_dir, self.ctx.rank, cfg.logging, run_config=_as_dict(cfg),
+                                     resume_wandb_id=self._resume_wandb_id, total_steps=t.max_steps,
+                                     start_step=self.step)
         if self.step >= t.max_steps:
             log.info("run %s is already complete at step %d (trainer.max_steps=%d); outputs in %s. "
                      "Raise trainer.max_steps to train further.", self.run_name, self.step, t.max_steps,
                      self.run_dir)
-            self.metrics.close()
-            log.info(self.acct.finish(EXIT_OK, "already complete"))
-            return EXIT_OK
+            return EXIT_OK, "already complete"
         refusal = self.acct.refuse_start()
         if refusal:
             log.warning(refusal)
-            self.metrics.close()
-            log.info(self.acct.finish(EXIT_BUDGET, "budget already spent"))
-            return EXIT_BUDGET
+            return EXIT_BUDGET, "budget already spent"
         self._announce()
+        self.hr.start()  # signals, spot watcher, GPU monitor, hang watchdog (after the slow setup)
+        try:
+            return self._loop()
+        finally:
+            self.ckpt.close()  # an async save in flight commits before we exit
+
+    def _loop(self) -> tuple[int, str]:
+        from train.data import rank_micro_batches, validation_batches
+        from train.goodput import next_save_step
+
+        cfg, t = self.cfg, self.cfg.trainer
         val_batches = validation_batches(self.val_ds, t.eval_batches, self.micro, t.seq_len) if t.eval_every else []
         tokens_per_step = t.global_batch_size * t.seq_len
-        window_t0, window_steps, last_saved = time.perf_counter(), 0, self.step
-        data_wait = 0.0
-        stop_reason, exit_code = None, EXIT_OK
-        from train.goodput import next_save_step
-        while self.step < t.max_steps and stop_reason is None:
+        window = {"t0": time.perf_counter(), "steps": 0, "data_wait": 0.0}
+        inject = set(cfg.health.fault_inject_nan_steps)
+        first = True
+        while self.step < t.max_steps:
             set_lr(self.optimizer, self._lr(self.step))
-            batches = rank_micro_batches(self.train_ds, t.seed, self.samples, t.global_batch_size,
-                                             self.micro, t.seq_len, self.ctx.rank, self.ctx.world_size)
+            batches = rank_micro_batches(self.train_ds, t.seed, self.samples, t.global_batch_size, self.micro,
+                                         t.seq_len, self.ctx.rank, self.ctx.world_size)
             t_step = time.perf_counter()
-            result = train_step(self.model, self.optimizer, iter(batches), self.n_micro, self.runtime,
-                                t.grad_clip, cfg.model.moe.bias_update_rate,
-                                before_optimizer_step=self.ckpt.wait)
+            with self.hr.grace(FIRST_STEP_GRACE_S if first else 0.0):
+                result = train_step(self.model, self.optimizer, iter(batches), self.n_micro, self.runtime,
+                                    t.grad_clip, cfg.model.moe.bias_update_rate, self.reduce_counts,
+                                    before_optimizer_step=self.ckpt.wait, guard=self.hr.nan_guard.check,
+                                    poison=(self.step + 1) in inject)
+            first = False
+            step_s = time.perf_counter() - t_step
+            if result.verdict == "rollback":
+                self._rollback()
+                continue
+            if result.verdict == "stop":
+                log.error("non-finite loss or gradients at step %d, %d times in a row (health.nan_max_skips="
+                          "%d, health.nan_on_exhausted=stop): stopping without a checkpoint", self.step + 1,
+                          self.hr.nan_guard.consecutive, cfg.health.nan_max_skips)
+                return EXIT_CRASH, "non-finite training state"
+            if result.verdict == "skip":
+                log.warning("step %d: non-finite loss or gradient norm, update skipped (%d in a row, at most "
+                            "health.nan_max_skips=%d)", self.step + 1, self.hr.nan_guard.consecutive,
+                            cfg.health.nan_max_skips)
             self.step += 1
             self.samples += t.global_batch_size
-            self.acct.on_step(self.step, time.perf_counter() - t_step, result.data_wait_s)
-            window_steps += 1
-            data_wait += result.data_wait_s
-            val_loss = None
+            self.acct.on_step(self.step, step_s, result.data_wait_s)
+            self.hr.step_done(self.step, step_s)
+            window["steps"] += 1
+            window["data_wait"] += result.data_wait_s
+
+            val_loss, early = None, None
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                 t_eval = time.perf_counter()
                 val_loss = evaluate(self.model, val_batches, self.runtime)
-                stop_reason = self._early_stop(val_loss)
-                window_t0 += time.perf_counter() - t_eval  # evaluation is not training throughput
+                early = self._early_stop(val_loss)
+                window["t0"] += time.perf_counter() - t_eval  # evaluation is not training throughput
                 self.acct.on_eval(time.perf_counter() - t_eval)
-            if stop_reason is None:  # multi-rank: decide on rank 0, share with the stop all-reduce
-                budget_stop = self.acct.check_budget(
-                    self.step, next_save_step(self.step, cfg.checkpoint.every_steps, t.max_steps))
-                if budget_stop:
-                    stop_reason, exit_code = budget_stop, EXIT_BUDGET
-            if self.step % t.log_every == 0 or self.step == t.max_steps or val_loss is not None:
-                elapsed = time.perf_counter() - window_t0
-                self._log(result, val_loss, window_steps, elapsed, tokens_per_step, data_wait)
-                window_t0, window_steps, data_wait = time.perf_counter(), 0, 0.0
-            due = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
-            final = self.step == t.max_steps or stop_reason is not None
+            budget = self.acct.check_budget(self.step, next_save_step(self.step, cfg.checkpoint.every_steps,
+                                                                      t.max_steps))
+            if budget:
+                self.hr.flags.request(EXIT_BUDGET, budget)
+            # Every rank, every step: one small all-reduce decides together whether to stop.
+            stop = self.hr.at_boundary(self.step)
+            if self.step % t.log_every == 0 or self.step == t.max_steps or val_loss is not None or stop:
+                self._log(result, val_loss, window, tokens_per_step)
+                window = {"t0": time.perf_counter(), "steps": 0, "data_wait": 0.0}
+            done = self.step >= t.max_steps or early is not None
+            code, reason = (stop.code, stop.reason) if stop else (EXIT_OK, early or "done")
+            final = done or stop is not None
             if final:
-                self.acct.mark_exit(exit_code, "done" if exit_code == EXIT_OK else "budget")
-            if due or (final and cfg.checkpoint.save_final):
-                t_save = time.perf_counter()
-                self._save()
-                self.acct.on_checkpoint(time.perf_counter() - t_save, self.step)
-                last_saved = self.step
+                self.acct.mark_exit(code, reason)
+            due = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
+            if due or (final and (cfg.checkpoint.save_final or stop is not None)):
+                self._save(emergency=stop)
             if self.step % t.log_every == 0:
                 warning = self.acct.projection_warning(self.step, t.max_steps, tokens_per_step,
                                                        self.samples * t.seq_len)
                 if warning:
                     log.warning(warning)
             self.acct.tick()  # heartbeat, at most every cost.heartbeat_every_s
-        if stop_reason:
-            log.info("stopping: %s", stop_reason)
-        log.info("done: step %d, %d tokens, spent $%.4f; run directory %s", self.step,
-                 self.samples * t.seq_len, self.cost.spent_usd(), self.run_dir)
-        del last_saved
-        self.ckpt.close()  # an async save in flight commits before we exit
-        self.metrics.close()
-        log.info(self.acct.finish(exit_code, stop_reason or "done"))
-        return exit_code
+            if final:
+                log.info("stopping at step %d: %s (exit %d)", self.step, reason, code)
+                log.info("done: step %d, %d tokens, spent $%.4f; run directory %s", self.step,
+                         self.samples * t.seq_len, self.cost.spent_usd(), self.run_dir)
+                return code, reason
+        return EXIT_OK, "done"
 
+    # ------------------------------------------------------------------ pieces
     def _lr(self, step: int) -> float:
         o = self.cfg.optim
         return lr_at(step, lr=o.lr, max_steps=self.cfg.trainer.max_steps, warmup_steps=o.warmup_steps,
@@ -187,14 +243,41 @@ class Trainer:
                     f"evaluations (trainer.early_stop_patience={t.early_stop_patience})")
         return None
 
-    def _save(self) -> None:
+    def _rollback(self) -> None:
+        """Back to the last commit, keeping the data cursor: the batches that blew up are skipped,
+        not replayed (replaying them would blow up again)."""
+        samples = self.samples
+        bad_step = self.step + 1
+        ts = self._load_latest()
+        if ts is None:
+            raise RuntimeError(f"non-finite state at step {bad_step} and no committed checkpoint to roll back to")
+        self.samples = samples
+        self.hr.nan_guard.reset()
+        log.warning("step %d: non-finite %d times in a row; rolled back to the commit at step %d and skipped "
+                    "the data up to sample %d", bad_step, self.cfg.health.nan_max_skips + 1, self.step, samples)
+
+    def _save(self, emergency=None) -> None:
         from train.version import versions
 
+        # Never checkpoint a non-finite state (checked on every rank, agreed by one all-reduce).
+        if not self.hr.state_ok(self.model, self.optimizer):
+            log.error("step %d: state is not finite; checkpoint skipped", self.step)
+            return
         ts = self._trainer_state()
-        meta = {"tokens": ts["tokens"], "samples_consumed": self.samples,
-                "config_hash": config_hash(self.cfg), "cost_usd": ts["cost"].get("spent_usd", 0.0),
-                "versions": versions()}
-        self.ckpt.save(self.step, self._state(), meta, trainer_state=ts)
+        meta = {"tokens": ts["tokens"], "samples_consumed": self.samples, "config_hash": config_hash(self.cfg),
+                "cost_usd": ts["cost"].get("spent_usd", 0.0), "versions": versions()}
+        t0 = time.perf_counter()
+        with self.hr.grace(FIRST_STEP_GRACE_S):
+            self.ckpt.save(self.step, self._state(), meta, trainer_state=ts)
+            if emergency is not None:
+                self.ckpt.wait_committed()  # the commit must land before we leave
+        self.acct.on_checkpoint(time.perf_counter() - t0, self.step)
+        if emergency is not None:
+            took = time.time() - emergency.t_notice
+            deadline = self.cfg.health.preemption_deadline_s
+            (log.info if took <= deadline else log.error)(
+                "emergency checkpoint at step %d committed %.1f s after the notice (%s); "
+                "health.preemption_deadline_s=%.0f", self.step, took, emergency.reason, deadline)
 
     def _announce(self) -> None:
         cfg = self.cfg
@@ -204,20 +287,23 @@ class Trainer:
                  self.runtime.device, " bf16" if self.runtime.amp_dtype else " fp32", self.ctx.world_size)
         log.info("run directory: %s (metrics.jsonl, config.yaml, rank*.log, step_* checkpoints)", self.run_dir)
 
-    def _log(self, result, val_loss, steps, elapsed, tokens_per_step, data_wait) -> None:
+    def _log(self, result, val_loss, window, tokens_per_step) -> None:
         from train.throughput import throughput
 
         cfg, t = self.cfg, self.cfg.trainer
-        loss = result.loss.item()
+        elapsed, steps = time.perf_counter() - window["t0"], window["steps"]
+        loss_t = result.loss.detach().clone()
+        if self.ctx.distributed:  # the metric line shows the global mean loss
+            torch.distributed.all_reduce(loss_t, op=torch.distributed.ReduceOp.AVG)
         tokens = self.samples * t.seq_len
         tp = throughput(tokens=steps * tokens_per_step, seconds=elapsed, n_devices=self.ctx.world_size,
                         flops_per_token=self.flops_per_token, device=self.runtime.device,
                         peak_override_tflops=cfg.cluster.peak_tflops_override,
                         remaining_steps=t.max_steps - self.step, seconds_per_step=elapsed / max(1, steps))
-        m = {"step": self.step, "loss": loss, "lr": self._lr(self.step - 1), **tp,
-             "mem_gib": _memory_gib(self.runtime.device), "data_wait": data_wait / max(elapsed, 1e-9),
+        m = {"step": self.step, "loss": loss_t.item(), "lr": self._lr(self.step - 1), **tp,
+             "mem_gib": _memory_gib(self.runtime.device), "data_wait": window["data_wait"] / max(elapsed, 1e-9),
              "grad_norm": result.grad_norm.item(), "aux_loss": result.aux_loss.item(),
-             "tokens": tokens, "max_steps": t.max_steps}
+             "tokens": tokens, "max_steps": t.max_steps, "skipped_steps": self.hr.nan_guard.total_skipped}
         m.update(self.acct.metrics(tokens))
         if val_loss is not None:
             m["val_loss"] = val_loss

@@ -81,6 +81,12 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(f"optim.decay_fraction={o.decay_fraction} must be within (0, 1]")
     if o.fused not in ("auto", "true", "false"):
         _fail(f"optim.fused={o.fused!r} must be auto, true or false")
+    from checkpointing.manager import validate_checkpoint_config
+    from health.validate import health_errors
+
+    validate_checkpoint_config(c)
+    for error in health_errors(cfg.health):
+        _fail(error)
     if c.every_steps < 0:
         _fail(f"checkpoint.every_steps={c.every_steps} must be >= 0 (0 = only the final save)")
     if c.keep_last < 1:
