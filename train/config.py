@@ -127,6 +127,9 @@ class HealthConfig:
     nan_on_exhausted: str = "rollback"  # rollback (to the last committed checkpoint) | stop
     # Fault injection for drills and tests: the loss of these (1-based) steps is made NaN.
     fault_inject_nan_steps: List[int] = field(default_factory=list)
+    fault_inject_rank: int = 0  # the rank that hangs or straggles below
+    fault_inject_hang_step: int = 0  # that rank sleeps forever before this step (0 = off)
+    fault_inject_slow_s: float = 0.0  # that rank sleeps this long every step (a straggler)
 
 
 @dataclass

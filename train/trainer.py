@@ -163,6 +163,7 @@ class Trainer:
             batches = rank_micro_batches(self.train_ds, t.seed, self.samples, t.global_batch_size, self.micro,
                                          t.seq_len, self.ctx.rank, self.ctx.world_size)
             t_step = time.perf_counter()
+            _inject_delay(cfg.health, self.ctx.rank, self.step + 1)
             with self.hr.grace(FIRST_STEP_GRACE_S if first else 0.0):
                 result = train_step(self.model, self.optimizer, iter(batches), self.n_micro, self.runtime,
                                     t.grad_clip, cfg.model.moe.bias_update_rate, self.reduce_counts,
@@ -310,6 +311,18 @@ class Trainer:
         if cfg.model.moe.n_experts:
             m.update(routing_stats(self.model))
         self.metrics.log(self.step, m)
+
+
+def _inject_delay(h, rank: int, step: int) -> None:
+    """Fault injection for drills and tests (health.fault_inject_*): a straggler or a hung rank."""
+    if rank != h.fault_inject_rank:
+        return
+    if h.fault_inject_slow_s > 0:
+        time.sleep(h.fault_inject_slow_s)
+    if h.fault_inject_hang_step and step == h.fault_inject_hang_step:
+        log.warning("fault injection: rank %d hangs before step %d", rank, step)
+        while True:
+            time.sleep(3600)
 
 
 def _memory_gib(device: torch.device) -> float:
