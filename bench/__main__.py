@@ -2,7 +2,7 @@
 
 import sys
 
-SUITES = {"smoke": "bench.smoke"}
+SUITES = {"smoke": "bench.smoke", "train": "bench.train_bench", "ckpt": "bench.ckpt_bench"}
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU session script used for docs/PERFORMANCE.md figures: run from the repository root on a
-# GPU machine, with results under $OUT (default ./bench_out). Pure-Python wheels the image lacks
-# (hydra-core, omegaconf, antlr4) may be supplied in .whl/.
+# The GPU session script behind docs/PERFORMANCE.md: run from the repository root on a GPU machine;
+# results land under $OUT (default ./bench_out). Pure-Python wheels the image lacks (hydra-core,
+# omegaconf, antlr4) may be supplied in .whl/. STAGES picks what runs; each stage is time-boxed.
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -10,17 +10,32 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia_smi.csv"
+MOE=${MOE:-dsv3_mini}; DENSE=${DENSE:-llama_1b}; SEQ=${SEQ:-2048}; NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+TRAIN_STEPS=${TRAIN_STEPS:-20}; TR=${TR:-"torchrun --nproc-per-node $NGPU --local-addr 127.0.0.1 --master-addr 127.0.0.1 --master-port 29611"}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.csv" 2>&1
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-STAGES=${STAGES:-"tests smoke train"}
+STAGES=${STAGES:-"smoke ep train ckpt health"}
 for stage in $STAGES; do
+  echo "=== $stage $(date +%T)"
   case $stage in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/gpu tests/moe tests/model 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt";;
-    smoke) python3 -m bench smoke --compile --out "$OUT" 2>&1 | tee "$OUT/smoke.txt" | tail -12;;
-    train)
+    smoke) timeout 300 python3 -m bench smoke --compile --out "$OUT" 2>&1 | tail -12;;
+    ep)  # one GPU vs two: FSDP2 only, and FSDP2 + EP=2; bf16, same per-GPU batch
+      timeout 150 env CUDA_VISIBLE_DEVICES=0 python3 -m bench train --model $MOE --seq $SEQ --out "$OUT" 2>&1 | grep "^{" 
+      if [ "$NGPU" -ge 2 ]; then
+        timeout 150 $TR -m bench train --model $MOE --seq $SEQ --ep 1 --out "$OUT" 2>&1 | grep "^{"
+        timeout 150 $TR -m bench train --model $MOE --seq $SEQ --ep $NGPU --out "$OUT" 2>&1 | grep "^{"
+      fi;;
+    train)  # the user command on one GPU: bf16, MFU on the metric line
       for exp in gpu_llama_1b gpu_dsv3_mini; do
-        python3 -m train experiment=$exp trainer.max_steps=${TRAIN_STEPS:-30} output_dir=/tmp/mf_runs \
-          2>&1 | tee "$OUT/train_$exp.txt" | grep -E "step=|run |error|Error" | tail -8
+        timeout 200 env CUDA_VISIBLE_DEVICES=0 python3 -m train experiment=$exp trainer.max_steps=$TRAIN_STEPS \
+          output_dir=/tmp/mf_runs health.preflight=off > "$OUT/train_$exp.txt" 2>&1
+        echo "$exp rc=$?"; grep -E "^step=|device|rror" "$OUT/train_$exp.txt" | tail -4
       done;;
+    ckpt) timeout 240 env CUDA_VISIBLE_DEVICES=0 python3 -m bench ckpt --model $MOE --modes off,thread,process \
+            --saves ${CKPT_SAVES:-2} --out "$OUT" 2>&1 | tail -9;;
+    health)
+      timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -4
+      timeout 90 python3 -m health preflight --expected-gpus $NGPU 2>&1 | tail -14 | tee "$OUT/preflight.txt";;
   esac
 done
+echo "=== end $(date +%T)"
