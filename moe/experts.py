@@ -24,6 +24,14 @@ __all__ = ["GroupedExperts", "IMPLS"]
 IMPLS = ("auto", "grouped_mm", "loop")
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's when it is on for ``x``'s device, else x's."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 class GroupedExperts(nn.Module):
     def __init__(self, n_experts: int, d_model: int, expert_dim: int, impl: str = "auto"):
         super().__init__()
@@ -43,12 +51,15 @@ class GroupedExperts(nn.Module):
     def resolve_impl(self, x_ND: torch.Tensor) -> str:
         if self.impl != "auto":
             return self.impl
-        ok = has_grouped_mm(x_ND.device, x_ND.dtype, (self.d_model, self.expert_dim))
+        ok = has_grouped_mm(x_ND.device, compute_dtype(x_ND), (self.d_model, self.expert_dim))
         return "grouped_mm" if ok else "loop"
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert, ``tokens_per_expert_E`` rows each; rows past their sum
         (dropped assignments) give zeros and receive zero gradient."""
+        # Autocast does not cover grouped_mm, and the residual stream arrives in fp32: without this
+        # the experts would run in fp32 (and, compiled, fall back to the loop) under bf16 autocast.
+        x_ND = x_ND.to(compute_dtype(x_ND))
         if self.resolve_impl(x_ND) == "grouped_mm":
             return self._forward_grouped(x_ND, tokens_per_expert_E)
         return self._forward_loop(x_ND, tokens_per_expert_E)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe.experts import GroupedExperts
+from moe.experts import GroupedExperts, compute_dtype
 from moe.layer import MoELayer
 
 __all__ = ["AllToAllDispatcher", "EPDispatchContext", "ExpertParallelExperts", "apply_expert_parallel",
@@ -129,6 +129,7 @@ class ExpertParallelExperts(GroupedExperts):
 
     def forward(self, x_ND, tokens_per_expert_E):
         view = _LocalView(self)
+        x_ND = x_ND.to(compute_dtype(x_ND))  # as GroupedExperts.forward: autocast's dtype
         if GroupedExperts.resolve_impl(view, x_ND) == "grouped_mm" and x_ND.shape[0] > 0:
             return GroupedExperts._forward_grouped(view, x_ND, tokens_per_expert_E)
         # The loop also serves a rank that received no rows (the weights stay in the graph, so

@@ -127,3 +127,26 @@ def test_local_dispatcher_sorts_stably_and_marks_dropped():
     w = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
     y = d.combine(x_ND * 0 + 1, w, ctx)  # every expert returns ones
     assert y[:, 0].tolist() == [3.0, 7.0, 11.0, 15.0]  # dropped weight 8 would be masked by layer
+
+
+def test_autocast_runs_the_experts_in_the_autocast_dtype():
+    """The residual stream is fp32 under autocast; the experts must still compute in bf16 (and
+    take the grouped path), since autocast does not cover grouped_mm."""
+    import torch
+
+    from moe.experts import GroupedExperts
+
+    torch.manual_seed(0)
+    ex = GroupedExperts(4, 16, 8)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(12, 16, requires_grad=True)
+    counts = torch.tensor([3, 0, 5, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ex.resolve_impl(x) == "grouped_mm"
+        y = ex(x, counts)
+    assert y.dtype == torch.bfloat16
+    y.float().pow(2).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    ref = ex(x.detach(), counts)
+    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
