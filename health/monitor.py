@@ -14,7 +14,9 @@ import threading
 import time
 
 from health.flags import EXIT_UNHEALTHY, StopFlags
-from health.policy import EXIT_76, IGNORE, Finding, PolicyConfig, evaluate, evaluate_xid
+from health.policy import EXIT_76, IGNORE, WARN, Finding, PolicyConfig, evaluate, evaluate_xid
+
+WARN_REPEAT_S = 600.0  # a repeating warning about one GPU counter is logged at most this often
 
 log = logging.getLogger("moeforge.health")
 
@@ -36,6 +38,7 @@ class HealthMonitor:
         self.polls = 0
         self.findings: list[Finding] = []  # every finding ever logged (deduplicated), newest last
         self._seen: set[tuple] = set()
+        self._warned: dict = {}  # (gpu, what) -> when last warned
         self._prev: dict[int, object] = {}
         self._requested = False
         self._stop = threading.Event()
@@ -68,13 +71,23 @@ class HealthMonitor:
 
     def _act(self, found: list[Finding]) -> list[Finding]:
         new = []
+        now = time.monotonic()
         for f in found:
             key = (f.gpu, f.what, str(f.raw_value))
             if key in self._seen and not f.what.startswith("xid_"):
                 continue
-            self._seen.add(key)
+            if f.action == WARN:
+                # A counter delta (NVLink, PCIe replays) changes every poll: warn about each
+                # (gpu, what) at most once per WARN_REPEAT_S, or a 30 s poll floods the log.
+                last = self._warned.get((f.gpu, f.what))
+                if last is not None and now - last < WARN_REPEAT_S:
+                    continue
+                self._warned[(f.gpu, f.what)] = now
+            if len(self._seen) < 10_000:
+                self._seen.add(key)
             new.append(f)
             self.findings.append(f)
+            del self.findings[:-1000]  # bounded on long runs
             if f.action == IGNORE:
                 self.log.debug("health: %s", f.message())
             elif f.action == EXIT_76:
