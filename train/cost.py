@@ -71,11 +71,11 @@ def process_start_time() -> float:
         with open("/proc/self/stat", encoding="ascii") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         ticks = int(fields[19])  # field 22, starttime: clock ticks after boot
-        with open("/proc/stat", encoding="ascii") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        start = btime + ticks / os.sysconf("SC_CLK_TCK")
-        return min(start, time.time())
-    except (OSError, ValueError, IndexError, StopIteration) as e:
+        # Age on the boot clock (starttime counts from boot, like CLOCK_BOOTTIME), subtracted from
+        # now: /proc/stat's btime is whole seconds and drifts from the wall clock.
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - max(0.0, age)
+    except (OSError, ValueError, IndexError, AttributeError) as e:
         log.warning("process start time unavailable (%s): billing from now", e)
         return time.time()
 

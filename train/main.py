@@ -79,7 +79,7 @@ def run(cfg: TrainConfig) -> int:
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, local_rank)
     ctx = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, runtime.device_type)
     health.group = ctx.control_group
-    code = EXIT_CRASH
+    code, trainer = EXIT_CRASH, None
     try:
         setup_logging(directory, ctx.rank)
         if ctx.is_main:
@@ -108,3 +108,5 @@ def run(cfg: TrainConfig) -> int:
         health.shutdown()
         health.exit(code, "")  # torchrun reports 1 for any failure: the record keeps the real code
         shutdown()
+        if trainer is not None:
+            trainer.finish(code)

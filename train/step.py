@@ -85,8 +85,11 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime) -> float:
-    """Mean validation cross-entropy over a fixed set of batches (one host sync)."""
+def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime,
+             distributed: bool = False) -> float:
+    """Mean validation cross-entropy over a fixed set of batches (one host sync). Distributed,
+    each rank scores its equal share of the same fixed set and the means are averaged, so the
+    value does not depend on the world size."""
     model.eval()
     total = torch.zeros((), device=runtime.device)
     for inputs_BT, targets_BT in batches:
@@ -94,4 +97,7 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
             logits_BTV, _ = model(inputs_BT.to(runtime.device))
         total += lm_loss(logits_BTV, targets_BT.to(runtime.device))
     model.train()
-    return (total / max(1, len(batches))).item()
+    mean = total / max(1, len(batches))
+    if distributed:
+        torch.distributed.all_reduce(mean, op=torch.distributed.ReduceOp.AVG)
+    return mean.item()

@@ -113,15 +113,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> int:
-        code, reason = EXIT_CRASH, "crash"
+        self.exit_reason = "crash"
         try:
-            code, reason = self._run()
+            code, self.exit_reason = self._run()
             return code
         finally:
             if self.metrics is not None:
                 self.metrics.close()
-            if hasattr(self, "acct"):
-                log.info(self.acct.finish(code, reason))
+
+    def finish(self, code: int) -> None:
+        """Close this attempt's accounting: called last, after the process group is gone, so the
+        paid time covers the whole attempt (every exit path, crashes included)."""
+        if hasattr(self, "acct"):
+            log.info(self.acct.finish(code, self.exit_reason if code != EXIT_CRASH else "crash"))
 
     def _run(self) -> tuple[int, str]:
         from train.metrics import MetricsLogger
@@ -153,7 +157,10 @@ class Trainer:
         from train.goodput import next_save_step
 
         cfg, t = self.cfg, self.cfg.trainer
-        val_batches = validation_batches(self.val_ds, t.eval_batches, self.micro, t.seq_len) if t.eval_every else []
+        # eval_batches x global_batch_size sequences, the same fixed set at every world size; each
+        # rank scores its share in micro-batches.
+        val_batches = validation_batches(self.val_ds, t.eval_batches * self.n_micro, self.micro * self.ctx.world_size,
+                                         t.seq_len, self.ctx.rank, self.ctx.world_size) if t.eval_every else []
         tokens_per_step = t.global_batch_size * t.seq_len
         window = {"t0": time.perf_counter(), "steps": 0, "data_wait": 0.0}
         inject = set(cfg.health.fault_inject_nan_steps)
@@ -193,7 +200,7 @@ class Trainer:
             val_loss, early = None, None
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                 t_eval = time.perf_counter()
-                val_loss = evaluate(self.model, val_batches, self.runtime)
+                val_loss = evaluate(self.model, val_batches, self.runtime, self.ctx.distributed)
                 early = self._early_stop(val_loss)
                 window["t0"] += time.perf_counter() - t_eval  # evaluation is not training throughput
                 self.acct.on_eval(time.perf_counter() - t_eval)
