@@ -16,27 +16,12 @@ from train.metrics import parse_metric_line
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
-    """The newest committed checkpoint's model tensors, read back through DCP."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _load_state_dict
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    """The newest committed checkpoint's tensors, read back through DCP."""
+    from tests.dist.train_launch import checkpoint_tensors
 
     steps = sorted(p for p in run.glob("step_*") if (p / "COMMITTED").exists())
     assert steps, f"no committed checkpoint in {run}"
-    sd: dict = {}
-    _load_state_dict(sd, storage_reader=FileSystemReader(str(steps[-1])),
-                     planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    flat = {}
-
-    def walk(prefix, obj):
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(obj, torch.Tensor):
-            flat[prefix] = obj
-
-    walk("", sd)
-    return flat
+    return checkpoint_tensors(steps[-1])
 
 
 def test_metric_lines_parse_and_every_field_present(tmp_path):
