@@ -32,6 +32,21 @@ def _get(cfg, name, default):
     return getattr(cfg, name, default) if cfg is not None else default
 
 
+def own_times(steps: list[list[float]], leads: list[list[float]]) -> list[list[float]]:
+    """Per rank and step, the step time less the time it waited for the last rank to arrive:
+    ``step - (max lead over ranks - own lead)``. Collectives make wall-clock step times equal on
+    every rank; a rank slowed before its first collective (data, host, an injected delay) keeps
+    its time, the others lose their wait. A rank slow only inside GPU compute is not isolated
+    this way (its peers wait inside later collectives): docs/resilience.md says so."""
+    if not leads or any(len(l) != len(s) for l, s in zip(leads, steps)):
+        return steps
+    n = min(len(s) for s in steps)
+    out = []
+    for s_r, l_r in zip(steps, leads):
+        out.append([s_r[i] - (max(l[i] for l in leads) - l_r[i]) for i in range(n)])
+    return out
+
+
 class HealthRuntime:
     def __init__(self, cfg, *, rank: int = 0, local_rank: int = 0, world_size: int = 1, run_dir: str = ".",
                  group=None, probe=None, install_signals: bool = True, host: str | None = None):
@@ -46,6 +61,7 @@ class HealthRuntime:
         self._install_signals = install_signals
         self.signals = self.imds = self.monitor = self.watchdog = self.straggler = None
         self._times: list[float] = []
+        self._leads: list[float] = []
         self.hosts: list[str] = [self.host]
         self.last_straggler = None
 
@@ -118,11 +134,15 @@ class HealthRuntime:
         return self
 
     # ------------------------------------------------------------------ each step
-    def step_done(self, step: int, step_seconds: float) -> None:
+    def step_done(self, step: int, step_seconds: float, lead_seconds: float = 0.0) -> None:
+        """``lead_seconds``: time from the step's start until this rank reached its first collective
+        (data, host work). Ranks that arrive early wait there for the last one, so wall-clock step
+        times are equal on every rank; the lead is what tells them apart (see ``own_times``)."""
         if self.watchdog is not None:
             self.watchdog.beat(step)
         if self.straggler is not None:
             self._times.append(step_seconds)
+            self._leads.append(lead_seconds)
 
     def at_boundary(self, step: int) -> StopRequest | None:
         """Collective (every rank, every step): straggler window when due, then the stop agreement."""
@@ -130,8 +150,10 @@ class HealthRuntime:
         if self.straggler is not None and every > 0 and step % every == 0:
             from health.straggler import gather_step_times
 
-            s = self.straggler.update(gather_step_times(self._times[-every:], self.group))
-            self._times = []
+            steps = gather_step_times(self._times[-every:], self.group)
+            leads = gather_step_times(self._leads[-every:], self.group)
+            s = self.straggler.update(own_times(steps, leads))
+            self._times, self._leads = [], []
             self.last_straggler = s
             if s is not None and self.rank == 0:
                 log.warning("%s", s.message())

@@ -55,6 +55,10 @@ class Trainer:
                     param_dtype=self.runtime.amp_dtype if fsdp_bf16 else None,
                     activation_checkpointing=t.activation_checkpointing, compile=t.compile)
         self.model.init_weights(t.seed, device=self.runtime.device)
+        # When this rank reaches the model (and so FSDP's first all-gather) in a step: the straggler
+        # detector's measure of how late it arrives (prepend: before FSDP's own pre-forward hook).
+        self._fwd_enter = None
+        self.model.register_forward_pre_hook(self._mark_forward, prepend=True)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
         meshes = getattr(self.model, "meshes", None)
         self.reduce_counts = make_count_reducer(meshes.dp_group) if meshes is not None and self.ctx.distributed else None
@@ -170,6 +174,7 @@ class Trainer:
             batches = rank_micro_batches(self.train_ds, t.seed, self.samples, t.global_batch_size, self.micro,
                                          t.seq_len, self.ctx.rank, self.ctx.world_size)
             t_step = time.perf_counter()
+            self._fwd_enter = None
             _inject_delay(cfg.health, self.ctx.rank, self.step + 1)
             with self.hr.grace(FIRST_STEP_GRACE_S if first else 0.0):
                 result = train_step(self.model, self.optimizer, iter(batches), self.n_micro, self.runtime,
@@ -193,7 +198,7 @@ class Trainer:
             self.step += 1
             self.samples += t.global_batch_size
             self.acct.on_step(self.step, step_s, result.data_wait_s)
-            self.hr.step_done(self.step, step_s)
+            self.hr.step_done(self.step, step_s, (self._fwd_enter or t_step) - t_step)
             window["steps"] += 1
             window["data_wait"] += result.data_wait_s
 
@@ -233,6 +238,10 @@ class Trainer:
                          self.samples * t.seq_len, self.cost.spent_usd(), self.run_dir)
                 return code, reason
         return EXIT_OK, "done"
+
+    def _mark_forward(self, module, args) -> None:
+        if self._fwd_enter is None:
+            self._fwd_enter = time.perf_counter()
 
     # ------------------------------------------------------------------ pieces
     def _lr(self, step: int) -> float:

@@ -42,3 +42,16 @@ def test_slowest_of_two_and_threshold():
     assert StragglerDetector(threshold=1.2, k=1, m=1).update(window(slow_rank=2, factor=1.1)) is None
     with pytest.raises(ValueError):
         StragglerDetector(k=4, m=3)
+
+
+def test_own_times_remove_the_wait_for_the_last_rank():
+    from health.runtime import own_times
+
+    # Both ranks' wall-clock steps are 0.35 s; rank 1 arrived 0.3 s late, rank 0 waited for it.
+    steps = [[0.35, 0.35, 0.36], [0.35, 0.35, 0.36]]
+    leads = [[0.001, 0.002, 0.001], [0.301, 0.302, 0.301]]
+    own = own_times(steps, leads)
+    assert own[1] == steps[1]
+    assert all(abs(o - 0.05) < 0.011 for o in own[0])
+    det = StragglerDetector(1.2, 1, 1)
+    assert det.update(own).rank == 1

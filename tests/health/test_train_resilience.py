@@ -173,11 +173,6 @@ def test_hung_rank_is_detected_dumped_and_exits_78(tmp_path):
     assert t_end - t_hang <= timeout_s + 30
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: each rank's step time includes waiting in the step's collectives (FSDP all-gathers), "
-    "so a slow rank makes every rank's wall-clock step time slow by the same amount and the "
-    "detector's scores stay ~1.0; it never names rank 1. Remove this mark once step times exclude "
-    "collective waits."))
 def test_straggler_is_named(tmp_path):
     args = [*FAST, "trainer.eval_every=0", "trainer.max_steps=12", "checkpoint.every_steps=0",
             f"output_dir={tmp_path}", "run_name=strag", "health.fault_inject_slow_s=0.3",
