@@ -1,0 +1,165 @@
+"""``python -m launch {local,slurm,hyperpod,hyperpod-eks} [options] -- <hydra overrides>``.
+
+Composes the trainer's config (so a config error is exit 2 before anything is submitted), derives
+RUN_DIR exactly as the trainer does, renders the job into ``RUN_DIR/launch/`` and submits it
+(``sbatch``), runs it (``local``), or prints it (``--dry-run``; always for ``hyperpod-eks``, whose
+``kubectl apply``/``hyp create`` command is printed for you to run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import List, Optional
+
+from launch.config import EXIT_CONFIG_ERROR, LaunchConfigError, compose
+
+TARGETS = ("local", "slurm", "hyperpod", "hyperpod-eks")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", choices=TARGETS,
+                   help="local: torchrun here; slurm: sbatch; hyperpod: sbatch with srun --auto-resume=1; "
+                        "hyperpod-eks: HyperPodPyTorchJob manifest + kubectl/hyp command")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="accelerators per node (default: the cluster config's, 0 on CPU)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="processes per node (default: --gpus-per-node, or 1 without GPUs)")
+    p.add_argument("--instance-type", default="", help="e.g. p5.48xlarge: picks cluster=<type> and EKS resources")
+    p.add_argument("--partition", default="")
+    p.add_argument("--time", default="", help="Slurm time limit HH:MM:SS")
+    p.add_argument("--signal-lead", type=int, default=300,
+                   help="seconds before the time limit that Slurm sends USR1 (>= one step + a save + 30 s)")
+    p.add_argument("--cpus-per-task", type=int, default=0, help="Slurm CPUs per node task (0: Slurm's default)")
+    p.add_argument("--exclusive", action="store_true", help="sbatch --exclusive (the default with GPUs)")
+    p.add_argument("--max-retries", type=int, default=3, help="requeues after crashes/hangs (codes 1, 78, other)")
+    p.add_argument("--hyperpod", action="store_true",
+                   help="slurm: force srun --auto-resume=1 (default: when /opt/sagemaker_cluster exists on the node)")
+    p.add_argument("--run-dir", default="", help="explicit run directory (default: output_dir/run_name from the config)")
+    p.add_argument("--rdzv-port", type=int, default=0)
+    p.add_argument("--local-addr", default="", help="torchrun --local-addr (default 127.0.0.1 on one node)")
+    p.add_argument("--dry-run", action="store_true", help="render and print; submit nothing")
+    # EKS
+    p.add_argument("--image", default="<account>.dkr.ecr.<region>.amazonaws.com/moeforge:latest")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--fsx-claim", default="fsx-claim", help="PVC of the FSx for Lustre volume")
+    p.add_argument("--fsx-mount", default="/fsx")
+    p.add_argument("--workdir", default="/workspace/moeforge", help="EKS: the repository inside the image")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for python -m train (after --)")
+    return p
+
+
+def _split(argv: List[str]):
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def _instance_type(args, cfg) -> str:
+    return args.instance_type or (cfg.cluster.instance_type if cfg.cluster.instance_type != "local" else "")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    head, overrides = _split(argv)
+    p = _parser()
+    args = p.parse_args(head)
+    overrides = list(args.overrides) + overrides
+    if args.time and not re.fullmatch(r"(\d+-)?\d+:\d{2}:\d{2}|\d+", args.time):
+        print(f"config error: --time {args.time!r} is not HH:MM:SS", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.nodes < 1:
+        print("config error: --nodes must be >= 1", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    eks = args.target == "hyperpod-eks"
+    if eks and not args.instance_type:
+        args.instance_type = "p5.48xlarge"
+    cwd = None
+    if eks:
+        # RUN_DIR is a path inside the pods: relative paths resolve against the image's workdir, and
+        # the default output_dir is on the FSx volume so every restart (any node) finds the commits.
+        cwd = args.workdir
+        if not args.run_dir and not any(o.split("=", 1)[0] == "output_dir" for o in overrides):
+            overrides.append(f"output_dir={args.fsx_mount.rstrip('/')}/runs")
+    try:
+        c = compose(overrides, run_dir=args.run_dir or None, instance_type=args.instance_type,
+                    nodes=args.nodes if args.nodes != 1 or args.instance_type else None, cwd=cwd)
+    except LaunchConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else int(c.cfg.cluster.accelerators_per_node or 0)
+    nproc = args.nproc_per_node or gpus or 1
+    print(f"run_name={c.run_name}")
+    print(f"run_dir={c.run_dir}")
+
+    if args.target == "local":
+        from launch.local import run_local, torchrun_command
+
+        cmd = torchrun_command(nproc, c.overrides, port=args.rdzv_port)
+        if args.dry_run:
+            from launch.eks import shell
+
+            print(f"RUN_DIR={c.run_dir} {shell(cmd)}")
+            return 0
+        return run_local(c.run_dir, cmd, max_retries=args.max_retries)
+
+    if eks:
+        from launch import eks as E
+
+        job = E.EksJob(run_name=c.run_name, run_dir=c.run_dir, overrides=c.overrides,
+                       instance_type=args.instance_type, nodes=args.nodes,
+                       nproc_per_node=args.nproc_per_node or 0, image=args.image, namespace=args.namespace,
+                       workdir=args.workdir, fsx_claim=args.fsx_claim, fsx_mount=args.fsx_mount,
+                       max_retries=max(args.max_retries, 1))
+        try:
+            E.resources(args.instance_type)
+        except ValueError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        if args.dry_run:  # print only: RUN_DIR is a path inside the pods (FSx), maybe not mounted here
+            doc = E.manifest(job)
+            try:
+                E.validate(doc)
+            except ImportError:
+                pass
+            sys.stdout.write(E.to_yaml(doc))
+        else:
+            path = E.write(job)
+            print(f"manifest={path}")
+            with open(path) as f:
+                sys.stdout.write(f.read())
+        print("# submit with kubectl (HyperPod training operator installed):")
+        print(E.shell(E.kubectl_command(job)))
+        print("# or with the HyperPod CLI:")
+        print(E.shell(E.hyp_command(job)))
+        return 0
+
+    from launch import slurm as S
+
+    job = S.SlurmJob(run_name=c.run_name, run_dir=c.run_dir, overrides=c.overrides, workdir=os.getcwd(),
+                     nodes=args.nodes, nproc_per_node=nproc, gpus_per_node=gpus,
+                     cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
+                     signal_lead_s=args.signal_lead, max_retries=args.max_retries,
+                     hyperpod="on" if (args.hyperpod or args.target == "hyperpod") else "auto",
+                     exclusive=args.exclusive or gpus > 0, rdzv_port=args.rdzv_port, local_addr=args.local_addr)
+    path = S.write(job)
+    print(f"script={path}")
+    if args.dry_run:
+        with open(path) as f:
+            sys.stdout.write(f.read())
+        print(f"# submit with: {' '.join(S.submit_command(job))}")
+        return 0
+    try:
+        job_id = S.submit(job)
+    except (RuntimeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"job_id={job_id}")
+    print(f"log={c.run_dir}/slurm-{job_id}.out")
+    return 0
