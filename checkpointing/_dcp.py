@@ -161,26 +161,29 @@ def async_save(state: Mapping[str, Any], writer, process_group=None, mode: str =
     """Start an async save in ``mode`` (``thread`` or ``process``); the caller checked
     ``process_mode_unavailable()`` first. Thread mode stages with the writer itself (blocking
     copy to host memory); process mode stages asynchronously with a fresh ``DefaultStager``."""
-    if mode == "thread":
-        staging, upload = async_save_thread(state, writer, process_group)
-        return AsyncHandle(staging, upload, None, "thread")
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
-    # async_stager= arrived with DefaultStager; older DCP stages with the writer (blocking).
+    # async_stager= arrived with DefaultStager; older DCP stages with the writer (blocking). Both
+    # modes stage through a fresh stager: pinned memory and non-blocking copies on GPU (the
+    # writer's own staging is a blocking pageable copy: 14.5 s for 23.6 GB on an H200).
     takes_stager = "async_stager" in inspect.signature(dcp.async_save).parameters
     stager = _fresh_stager() if takes_stager else None
+    if stager is None and mode == "thread":
+        staging, upload = async_save_thread(state, writer, process_group)
+        return AsyncHandle(staging, upload, None, "thread")
     kwargs = {"async_stager": stager} if stager is not None else {}
+    kind = AsyncCheckpointerType.PROCESS if mode == "process" else AsyncCheckpointerType.THREAD
     try:
-        out = dcp.async_save(dict(state), storage_writer=writer, process_group=process_group,
-                             async_checkpointer_type=AsyncCheckpointerType.PROCESS, no_dist=_no_dist(),
-                             **kwargs)
+        with _quiet_no_dist():
+            out = dcp.async_save(dict(state), storage_writer=writer, process_group=process_group,
+                                 async_checkpointer_type=kind, no_dist=_no_dist(), **kwargs)
     except BaseException:
         if stager is not None:
             getattr(stager, "close", lambda: None)()
         raise
     if isinstance(out, Future):
-        return AsyncHandle(None, out, stager, "process")
-    return AsyncHandle(out.staging_completion, out.upload_completion, stager, "process")
+        return AsyncHandle(None, out, stager, mode)
+    return AsyncHandle(out.staging_completion, out.upload_completion, stager, mode)
 
 
 def read_metadata(path: str, is_local: bool, storage_options: Mapping[str, Any]):

@@ -226,5 +226,8 @@ def open_probe() -> GpuProbe | None:
     try:
         return NvmlProbe()
     except NvmlUnavailable as e:
-        log.info("GPU health probe off: %s", e)
+        # Expected on a CPU-only machine (debug there); worth a line where CUDA is visible.
+        import torch
+
+        (log.warning if torch.cuda.is_available() else log.debug)("GPU health probe off: %s", e)
         return None

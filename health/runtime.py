@@ -199,6 +199,14 @@ class HealthRuntime:
             self.signals.uninstall()
             self.signals = None
 
+    def metrics(self) -> dict:
+        """For the metric JSONL: the NVML poll's cost, as seconds per pass and as a share of the
+        wall time (it runs in its own low-priority thread; this is the whole of its overhead)."""
+        m = self.monitor
+        if m is None or m.last_poll_s is None:
+            return {}
+        return {"health/nvml_poll_s": m.last_poll_s, "health/nvml_overhead": m.last_poll_s / m.interval_s}
+
     def seconds_to_deadline(self) -> float | None:
         """Seconds left before the announced spot termination (None without a notice)."""
         if self.imds is None or self.imds.deadline is None:

@@ -322,6 +322,7 @@ class Trainer:
              "grad_norm": result.grad_norm.item(), "aux_loss": result.aux_loss.item(),
              "tokens": tokens, "max_steps": t.max_steps, "skipped_steps": self.hr.nan_guard.total_skipped}
         m.update(self.acct.metrics(tokens))
+        m.update(self.hr.metrics())
         if val_loss is not None:
             m["val_loss"] = val_loss
         if cfg.model.moe.n_experts:

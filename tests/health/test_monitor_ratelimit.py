@@ -16,3 +16,14 @@ def test_changing_counter_warns_once_per_window(caplog):
         mon._act([Finding(1, "h", "warning", "nvlink_error_delta", 150, WARN)])
     lines = [r for r in caplog.records if "nvlink_error_delta" in r.getMessage()]
     assert len(lines) == 2  # GPU 0 once, GPU 1 once
+
+
+def test_poll_overhead_is_reported_for_the_metric_line():
+    from health.runtime import HealthRuntime
+
+    mon = HealthMonitor(FakeProbe(), StopFlags(), interval_s=30.0)
+    mon.poll_once()
+    hr = HealthRuntime(None)
+    hr.monitor = mon
+    m = hr.metrics()
+    assert m["health/nvml_poll_s"] >= 0 and m["health/nvml_overhead"] == m["health/nvml_poll_s"] / 30.0

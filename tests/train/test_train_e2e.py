@@ -49,10 +49,11 @@ def test_loss_falls_on_the_default_model(tmp_path):
     assert rows[60]["val_loss"] < rows[30]["val_loss"]
 
 
-def test_kill_and_resume_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("async_mode", ["off", "thread"])
+def test_kill_and_resume_is_bitwise_identical(tmp_path, async_mode):
     """N steps in one go vs killed (SIGKILL) mid-run and resumed: same losses, same weights."""
     common = [*FAST, "trainer.max_steps=24", "checkpoint.every_steps=4", "checkpoint.keep_last=10",
-              f"output_dir={tmp_path}"]
+              f"checkpoint.async_mode={async_mode}", f"output_dir={tmp_path}"]
     run_train(*common, "run_name=straight")
     proc = subprocess.Popen(train_cmd(*common, "run_name=killed"), cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
