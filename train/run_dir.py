@@ -42,7 +42,14 @@ def config_hash(cfg, n: int = 8) -> str:
 
 
 def run_name(cfg) -> str:
-    return cfg.run_name or f"{cfg.model.name}-{config_hash(cfg)}"
+    """``run_name``, else RUN_DIR's last component (so checkpoints land in RUN_DIR too), else a
+    stable name derived from the config."""
+    if cfg.run_name:
+        return cfg.run_name
+    env = os.environ.get("RUN_DIR")
+    if env:
+        return os.path.basename(os.path.normpath(env))
+    return f"{cfg.model.name}-{config_hash(cfg)}"
 
 
 def run_dir(cfg) -> str:

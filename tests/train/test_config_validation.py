@@ -85,3 +85,16 @@ def test_every_user_facing_key_of_the_design_exists():
                 "cost.budget_usd", "cost.price_per_hour", "health.imds_endpoint",
                 "health.preemption_deadline_s", "logging.wandb", "logging.tensorboard"]:
         assert OmegaConf.select(cfg, key, throw_on_missing=False) is not None or key == "run_name", key
+
+
+def test_run_dir_from_a_launcher_holds_the_checkpoints_too(tmp_path, monkeypatch):
+    import os
+
+    from train.run_dir import run_dir
+
+    monkeypatch.setenv("RUN_DIR", str(tmp_path / "job42"))
+    cfg = typed()
+    assert run_dir(cfg) == str(tmp_path / "job42")
+    assert run_name(cfg) == "job42"
+    # The trainer's checkpoint base is the run directory's parent: <base>/<run_name> == RUN_DIR.
+    assert os.path.join(os.path.dirname(run_dir(cfg)), run_name(cfg)) == run_dir(cfg)
