@@ -36,6 +36,15 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # DCP's process-mode daemon needs a process group, as in training
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     cfg = preset(args.model)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -54,7 +63,7 @@ def main(argv=None) -> None:
         root = args.dir or tempfile.mkdtemp(prefix="mf_ckpt_")
         ck = SimpleNamespace(root=root, every_steps=1, keep_last=1, keep_every=0, resume="none", async_mode=mode,
                              save_final=True, storage_options={}, on_save_error="stop", upload_root="")
-        mgr = CheckpointManager(ck, root, f"bench_{mode}")
+        mgr = CheckpointManager(ck, root, f"bench_{mode}", process_group=dist.group.WORLD)
         for i in range(1, args.saves + 1):
             torch.cuda.synchronize() if dev.type == "cuda" else None
             t0 = time.perf_counter()
@@ -72,6 +81,7 @@ def main(argv=None) -> None:
             print(r, flush=True)
         mgr.close()
         shutil.rmtree(root, ignore_errors=True)
+    dist.destroy_process_group()
     env = environment()
     write_json(args.out, f"ckpt_{args.model}", {"env": env, "state_gb": state_bytes / 1e9, "results": results})
     print(f"\n{env} state {state_bytes / 1e9:.1f} GB")
