@@ -13,7 +13,7 @@ from model.transformer import Transformer
 from moe.balance import routing_stats
 from train.build import Runtime
 from train.config import TrainConfig
-from train.exit_codes import EXIT_BUDGET, EXIT_CRASH, EXIT_OK
+from train.exit_codes import EXIT_BUDGET, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED
 from train.optim import build_optimizer, lr_at, set_lr
 from train.run_dir import config_hash
 from train.step import evaluate, train_step
@@ -225,7 +225,10 @@ class Trainer:
                 self.acct.mark_exit(code, reason)
             due = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
             if due or (final and (cfg.checkpoint.save_final or stop is not None)):
-                self._save(emergency=stop)
+                committed = self._save(emergency=stop)
+                if stop is not None and not committed and code == EXIT_PREEMPTED:
+                    # 75 promises a committed checkpoint; without one, say crash (bounded retries).
+                    code, reason = EXIT_CRASH, reason + " (the emergency checkpoint was not committed)"
             if self.step % t.log_every == 0:
                 warning = self.acct.projection_warning(self.step, t.max_steps, tokens_per_step,
                                                        self.samples * t.seq_len)
@@ -273,28 +276,33 @@ class Trainer:
         log.warning("step %d: non-finite %d times in a row; rolled back to the commit at step %d and skipped "
                     "the data up to sample %d", bad_step, self.cfg.health.nan_max_skips + 1, self.step, samples)
 
-    def _save(self, emergency=None) -> None:
+    def _save(self, emergency=None) -> bool:
+        """Save this step; True when it is committed (False: skipped as non-finite, or failed with
+        checkpoint.on_save_error=continue)."""
         from train.version import versions
 
         # Never checkpoint a non-finite state (checked on every rank, agreed by one all-reduce).
         if not self.hr.state_ok(self.model, self.optimizer):
             log.error("step %d: state is not finite; checkpoint skipped", self.step)
-            return
+            return False
         ts = self._trainer_state()
         meta = {"tokens": ts["tokens"], "samples_consumed": self.samples, "config_hash": config_hash(self.cfg),
                 "cost_usd": ts["cost"].get("spent_usd", 0.0), "versions": versions()}
         t0 = time.perf_counter()
         with self.hr.grace(FIRST_STEP_GRACE_S):
-            self.ckpt.save(self.step, self._state(), meta, trainer_state=ts)
+            result = self.ckpt.save(self.step, self._state(), meta, trainer_state=ts)
             if emergency is not None:
-                self.ckpt.wait_committed()  # the commit must land before we leave
+                result = self.ckpt.wait_committed() or result  # the commit must land before we leave
         self.acct.on_checkpoint(time.perf_counter() - t0, self.step)
+        committed = result is not None and result.error is None
         if emergency is not None:
             took = time.time() - emergency.t_notice
             deadline = self.cfg.health.preemption_deadline_s
-            (log.info if took <= deadline else log.error)(
-                "emergency checkpoint at step %d committed %.1f s after the notice (%s); "
-                "health.preemption_deadline_s=%.0f", self.step, took, emergency.reason, deadline)
+            (log.info if took <= deadline and committed else log.error)(
+                "emergency checkpoint at step %d %s %.1f s after the notice (%s); "
+                "health.preemption_deadline_s=%.0f", self.step, "committed" if committed else "FAILED",
+                took, emergency.reason, deadline)
+        return committed
 
     def _announce(self) -> None:
         cfg = self.cfg
