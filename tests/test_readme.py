@@ -62,3 +62,11 @@ def test_inline_commands(tmp_path):
             args.append(f"output_dir={tmp_path}")
         p = subprocess.run(args, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-2000:])
+
+
+def test_the_example_metric_line_parses():
+    from train.metrics import parse_metric_line
+
+    line = next(l for l in README.splitlines() if l.startswith("step="))
+    m = parse_metric_line(line)
+    assert m["step"] == 50 and "val_loss" in m and "eta_s" in m
