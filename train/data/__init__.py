@@ -35,8 +35,25 @@ def _datasets(shards: ShardSet) -> Tuple[TokenDataset, TokenDataset]:
 def build_datasets(cfg: DataConfig, vocab_size: int, cache_dir: Optional[str] = None,
                    log=None) -> Tuple[TokenDataset, TokenDataset, Dict]:
     """(train_ds, val_ds, info). `info` is JSON-able provenance to record with the run
-    (for builtin: corpus_hash and Python version; for shards: path and index summary)."""
+    (for builtin: corpus_hash and Python version; for shards: path and index summary;
+    for megatron: prefix, dtype, documents, token counts and where the vocab size came from)."""
     validate_data_config(cfg)
+    if cfg.source == "megatron":
+        from train.data.megatron import open_megatron
+
+        train_src, val_src, data_vocab, info = open_megatron(
+            cfg.path, cfg.val_path, float(cfg.val_fraction), int(cfg.megatron_vocab_size),
+            dict(cfg.storage_options or {}))
+        if data_vocab > vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={vocab_size} is smaller than the data's vocabulary "
+                f"({data_vocab}, from {info['vocab_from']}, Megatron data {cfg.path}): set "
+                f"model.vocab_size>={data_vocab} (or data.megatron_vocab_size if that is wrong)")
+        train_ds = TokenDataset(train_src, "train", -1, data_vocab)
+        val_ds = TokenDataset(val_src, "val", -1, data_vocab)
+        if train_ds.num_tokens == 0:
+            raise ValueError(f"the train split of {cfg.path} is empty")
+        return train_ds, val_ds, info
     if cfg.source == "builtin":
         from train.data.corpus import build_builtin_corpus
 
