@@ -64,7 +64,13 @@ class Trainer:
         self.reduce_counts = make_count_reducer(meshes.dp_group) if meshes is not None and self.ctx.distributed else None
         self.ckpt = CheckpointManager(cfg.checkpoint, self._ckpt_base(), self.run_name, rank=self.ctx.rank,
                                       world_size=self.ctx.world_size, process_group=self.ctx.control_group)
-        self.acct = RunAccounting(cfg.cluster, cfg.cost, self.run_dir, self.start_time, rank=self.ctx.rank)
+        from health.imds import ImdsClient
+        from train.pricing import resolve_cluster
+
+        # On EC2, IMDS names the instance type and spot/on-demand, which pick the catalog price.
+        imds = ImdsClient(cfg.health.imds_endpoint, timeout_s=cfg.health.imds_timeout_s)
+        self.cluster = resolve_cluster(cfg.cluster, cfg.cost, imds)
+        self.acct = RunAccounting(self.cluster, cfg.cost, self.run_dir, self.start_time, rank=self.ctx.rank)
         self.cost = self.acct.meter
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.micro = resolved_micro_batch(cfg, self.ctx.world_size)
