@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from train.data.shards import ArraySource
+from train.data.shards import ArraySource, RemoteSource
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -48,32 +48,6 @@ _HEADER_BYTES = 9 + 8 + 1 + 8 + 8
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
                6: np.float64, 7: np.float32, 8: np.uint16}
 _SCAN_TOKENS = 16 * 2**20
-
-
-class RangeSource:
-    """Tokens [start, start + n) of a remote `.bin`, read by byte ranges."""
-
-    def __init__(self, fs, path: str, dtype: np.dtype, start: int, n: int) -> None:
-        self.fs, self.path, self.dtype = fs, path, np.dtype(dtype)
-        self.start, self.n = int(start), int(n)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def read_many(self, ranges: Sequence[Tuple[int, int]]) -> List[np.ndarray]:
-        w = self.dtype.itemsize
-        starts = [(self.start + a) * w for a, _ in ranges]
-        ends = [(self.start + b) * w for _, b in ranges]
-        blobs = self.fs.cat_ranges([self.path] * len(ranges), starts, ends)
-        out = []
-        for blob, (a, b) in zip(blobs, ranges):
-            if isinstance(blob, Exception):
-                raise blob
-            if len(blob) != (b - a) * w:
-                raise IOError(f"short read from {self.path}: wanted {(b - a) * w} bytes "
-                              f"at token {self.start + a}, got {len(blob)}")
-            out.append(np.frombuffer(blob, dtype=self.dtype))
-        return out
 
 
 class MegatronIndexedDataset:
@@ -151,7 +125,7 @@ class MegatronIndexedDataset:
         a, b = self.document_token_range(d0, self.num_documents if d1 is None else d1)
         if self._tokens is not None:
             return ArraySource(self._tokens[a:b])
-        return RangeSource(self.fs, self.bin_path, self.dtype, a, b - a)
+        return RemoteSource(self.fs, self.bin_path, self.dtype, b - a, start=a)
 
     def tokens(self, d0: int = 0, d1: Optional[int] = None) -> np.ndarray:
         src = self.source(d0, d1)

@@ -65,18 +65,20 @@ class ArraySource:
 
 
 class RemoteSource:
-    """One shard file on a remote filesystem, read by byte ranges."""
+    """Tokens [start, start + n_tokens) of a file on a remote filesystem, read by byte ranges (a
+    whole shard, or a slice of a Megatron `.bin`)."""
 
-    def __init__(self, fs, path: str, dtype: str, n_tokens: int) -> None:
+    def __init__(self, fs, path: str, dtype, n_tokens: int, start: int = 0) -> None:
         self.fs, self.path, self.dtype, self.n = fs, path, np.dtype(dtype), int(n_tokens)
+        self.start = int(start)
 
     def __len__(self) -> int:
         return self.n
 
     def read_many(self, ranges: Sequence[Tuple[int, int]]) -> List[np.ndarray]:
         w = self.dtype.itemsize
-        starts = [a * w for a, _ in ranges]
-        ends = [b * w for _, b in ranges]
+        starts = [(self.start + a) * w for a, _ in ranges]
+        ends = [(self.start + b) * w for _, b in ranges]
         if hasattr(self.fs, "cat_ranges"):
             blobs = self.fs.cat_ranges([self.path] * len(ranges), starts, ends)
         else:  # pragma: no cover - every current fsspec filesystem has cat_ranges
@@ -87,7 +89,7 @@ class RemoteSource:
                 raise blob
             if len(blob) != (b - a) * w:
                 raise IOError(f"short read from {self.path}: wanted {(b - a) * w} bytes "
-                              f"at offset {a * w}, got {len(blob)}")
+                              f"at token {self.start + a}, got {len(blob)}")
             out.append(np.frombuffer(blob, dtype=self.dtype))
         return out
 
