@@ -2,7 +2,8 @@
 
 import sys
 
-SUITES = {"smoke": "bench.smoke", "train": "bench.train_bench", "ckpt": "bench.ckpt_bench"}
+SUITES = {"smoke": "bench.smoke", "train": "bench.train_bench", "ckpt": "bench.ckpt_bench",
+          "attn": "bench.attn"}
 
 
 def main() -> None:

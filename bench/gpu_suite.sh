@@ -26,10 +26,19 @@ for stage in $STAGES; do
         timeout 150 $TR -m bench train --model $MOE --seq $SEQ --ep $NGPU --out "$OUT" 2>&1 | grep "^{"
       fi;;
     train)  # the user command on one GPU: bf16, MFU on the metric line
-      for exp in gpu_llama_1b gpu_dsv3_mini; do
+      for exp in ${TRAIN_EXPS:-gpu_llama_1b gpu_dsv3_mini}; do
         timeout 200 env CUDA_VISIBLE_DEVICES=0 python3 -m train experiment=$exp trainer.max_steps=$TRAIN_STEPS \
           output_dir=/tmp/mf_runs health.preflight=off > "$OUT/train_$exp.txt" 2>&1
         echo "$exp rc=$?"; grep -E "^step=|device|rror" "$OUT/train_$exp.txt" | tail -4
+      done;;
+    attn) timeout 330 python3 -m bench attn --reps ${ATTN_REPS:-10} --out "$OUT" > "$OUT/attn.txt" 2>&1; echo "attn rc=$?"
+          grep "^|" "$OUT/attn.txt";;
+    profile)  # where one GPU's step time goes: top device ops of 3 profiled steps
+      for spec in ${PROFILE_SPECS:-"$MOE:4:--compile" "$DENSE:4:--compile"}; do
+        IFS=: read -r m b flag <<< "$spec"
+        timeout 150 env CUDA_VISIBLE_DEVICES=0 python3 -m bench train --model $m --seq $SEQ --batch $b $flag \
+          --profile-top 25 --tag "_b$b" --out "${PROFILE_JSON_OUT:-$OUT}" > "$OUT/profile_${m}_b$b.txt" 2>&1; echo "$m b$b rc=$?"
+        grep -A25 "^{" "$OUT/profile_${m}_b$b.txt" | cut -c1-400
       done;;
     ckpt) timeout 240 env CUDA_VISIBLE_DEVICES=0 python3 -m bench ckpt --model $MOE --modes off,thread,process \
             --saves ${CKPT_SAVES:-2} --out "$OUT" 2>&1 | tail -9;;

@@ -33,6 +33,7 @@ def _args(argv):
     ap.add_argument("--ac", action="store_true", help="activation checkpointing")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--profile-top", type=int, default=0, help="print the N ops with the most device time")
     return ap.parse_args(argv)
 
 
@@ -51,6 +52,17 @@ def _comm_share(prof, step_s_total: float) -> dict:
     return {"all_to_all_s": a2a, "other_collectives_s": other,
             "all_to_all_share": a2a / step_s_total if step_s_total else None,
             "other_collectives_share": other / step_s_total if step_s_total else None}
+
+
+def _top_ops(prof, n: int, window_s: float) -> list:
+    """The n kernels/ops with the most self device time in the profiled window (3 steps)."""
+    rows = []
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)) / 1e6
+        if t > 0:
+            rows.append({"name": evt.key, "device_ms": 1e3 * t / 3, "calls": evt.count // 3,
+                         "share": t / window_s if window_s else 0.0})
+    return sorted(rows, key=lambda r: -r["device_ms"])[:n]
 
 
 def main(argv=None) -> None:
@@ -93,6 +105,8 @@ def main(argv=None) -> None:
         with profile(activities=activities) as prof:
             window_s = sum(time_fn(step, warmup=0, iters=3))
         comm = _comm_share(prof, window_s)
+        top = _top_ops(prof, args.profile_top, window_s) if args.profile_top else []
+        busy = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages()) / 1e6
         t = median(times)
         tok_s_gpu = args.batch * args.seq / t
         fpt = flops_per_token(cfg, args.seq)
@@ -103,12 +117,14 @@ def main(argv=None) -> None:
             "tok_s_per_gpu": tok_s_gpu, "tflops_per_gpu": tok_s_gpu * fpt / 1e12,
             "mfu_989": tok_s_gpu * fpt / 989e12, "matmul_peak_tflops": peak,
             "mfu_vs_matmul": tok_s_gpu * fpt / (peak * 1e12) if peak else None,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None, **comm, "env": environment(),
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None, **comm, "device_busy_share": busy / window_s if window_s else None, "top_ops": top, "env": environment(),
         }
         if ctx.rank == 0:
             name = f"train_{args.model}_w{ctx.world_size}_ep{args.ep}{'_c' if args.compile else ''}{args.tag}"
             write_json(args.out, name, result)
-            print({k: v for k, v in result.items() if k not in ("step_s_all", "env")}, flush=True)
+            print({k: v for k, v in result.items() if k not in ("step_s_all", "env", "top_ops")}, flush=True)
+            for row in top:
+                print(f"  {row['share']:6.1%} {row['device_ms']:9.2f} ms {row['calls']:6d}x  {row['name'][:110]}")
     finally:
         if dist.is_initialized():
             dist.barrier()

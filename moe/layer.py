@@ -10,7 +10,7 @@ from torch import nn
 
 from moe.config import MoEConfig, validate_moe_config
 from moe.dispatch import LocalDispatcher, TokenDispatcher
-from moe.experts import GroupedExperts
+from moe.experts import GroupedExperts, compute_dtype
 from moe.router import Router
 from moe.shared import SwiGLU
 
@@ -100,7 +100,9 @@ class MoELayer(nn.Module):
             topk_ids_TK = torch.where(keep_TK, topk_ids_TK, E)
             topk_weights_TK = torch.where(keep_TK, topk_weights_TK, 0.0)
 
-        x_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(x_TD, topk_ids_TK, E)
+        # The experts compute in autocast's dtype: cast before the gather (and, under EP, the
+        # all-to-all) so they move half the bytes; casting first or after gives the same rows.
+        x_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(x_TD.to(compute_dtype(x_TD)), topk_ids_TK, E)
         y_ND = self.experts(x_ND, tokens_per_expert_E)
         y_TD = self.dispatcher.combine(y_ND, topk_weights_TK, ctx)
         if self.shared is not None:

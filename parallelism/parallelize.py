@@ -56,6 +56,8 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def compile_blocks(model: nn.Module) -> None:
     for block in model.layers.values():
         block.compile()  # in place: parameter names (and so checkpoints) do not change
+    # train.step compiles the loss too (one fused log-softmax over bf16 logits, no fp32 copy).
+    model.blocks_compiled = True
 
 
 def _n_experts(model: nn.Module) -> Optional[int]:

@@ -53,3 +53,26 @@ def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Opti
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def can_fold_clip(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> bool:
+    """Whether gradient clipping can ride inside the optimizer kernel: fused AdamW divides every
+    gradient by ``optimizer.grad_scale`` as it reads it (the hook AMP's GradScaler uses), so the
+    clip costs no separate pass over the gradients. Plain tensors only: with DTensor parameters
+    (FSDP2, EP) the scale would mix a plain tensor into DTensor ops, and the clip stays a foreach
+    multiply."""
+    from torch.distributed.tensor import DTensor
+
+    fused = all(g.get("fused") for g in optimizer.param_groups)
+    return fused and not any(isinstance(p, DTensor) for p in params)
+
+
+def fold_clip(optimizer: torch.optim.Optimizer, total_norm: torch.Tensor, max_norm: float) -> None:
+    """Arm the next ``optimizer.step()`` to scale gradients by ``min(1, max_norm / (norm + 1e-6))``
+    (torch's clip_grad_norm_ coefficient), on device, without a host sync."""
+    coef = (max_norm / (total_norm.float() + 1e-6)).clamp(max=1.0)
+    optimizer.grad_scale = 1.0 / coef
+
+
+def unfold_clip(optimizer: torch.optim.Optimizer) -> None:
+    optimizer.__dict__.pop("grad_scale", None)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from moe.balance import update_expert_bias
 from parallelism.parallelize import clip_grad_norm, grad_norm as total_grad_norm
 from train.build import Runtime
+from train.optim import can_fold_clip, fold_clip, unfold_clip
 
 
 @dataclass
@@ -23,8 +24,22 @@ class StepResult:
     verdict: str = "ok"  # the non-finite guard's: ok | skip | rollback | stop (no update unless ok)
 
 
-def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+def _lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(0, 1))
+
+
+_compiled_lm_loss = None
+
+
+def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+    """Mean cross-entropy in fp32. ``compiled`` (on CUDA, with compiled blocks): one fused kernel
+    reads the bf16 logits instead of materialising an fp32 copy of ``[B, T, V]`` and its gradient."""
+    global _compiled_lm_loss
+    if not (compiled and logits_BTV.is_cuda):
+        return _lm_loss(logits_BTV, targets_BT)
+    if _compiled_lm_loss is None:
+        _compiled_lm_loss = torch.compile(_lm_loss)
+    return _compiled_lm_loss(logits_BTV, targets_BT)
 
 
 def train_step(
@@ -41,6 +56,7 @@ def train_step(
     poison: bool = False,
 ) -> StepResult:
     model.train()
+    compiled = getattr(model, "blocks_compiled", False)
     loss_sum = torch.zeros((), device=runtime.device)
     aux_sum = torch.zeros((), device=runtime.device)
     data_wait = 0.0
@@ -52,7 +68,7 @@ def train_step(
         data_wait += time.perf_counter() - t0
         with runtime.autocast():
             logits_BTV, aux = model(inputs_BT)
-        loss = lm_loss(logits_BTV, targets_BT)
+        loss = lm_loss(logits_BTV, targets_BT, compiled)
         if poison:  # fault injection (health.fault_inject_nan_steps): drills of the NaN guard
             loss = loss * float("nan")
         # Every micro-batch has the same number of tokens, so averaging the per-micro-batch means
@@ -61,8 +77,10 @@ def train_step(
         loss_sum += loss.detach()
         aux_sum += aux.detach()
     params = [p for p in model.parameters() if p.grad is not None]
-    # Works for plain tensors and for DTensors on different meshes (experts under EP).
-    if grad_clip > 0:
+    # Works for plain tensors and for DTensors on different meshes (experts under EP). With fused
+    # AdamW on plain tensors the clip is folded into the optimizer kernel (no extra pass).
+    fold = grad_clip > 0 and can_fold_clip(optimizer, params)
+    if grad_clip > 0 and not fold:
         grad_norm = clip_grad_norm(params, grad_clip)
     else:
         grad_norm = total_grad_norm(params)
@@ -77,7 +95,12 @@ def train_step(
         # An async checkpoint must finish staging its copy before the parameters change; waiting
         # here (not right after the save) overlaps staging with this step's forward/backward.
         before_optimizer_step()
-    optimizer.step()
+    if fold:
+        fold_clip(optimizer, grad_norm, grad_clip)
+    try:
+        optimizer.step()
+    finally:
+        unfold_clip(optimizer)
     optimizer.zero_grad(set_to_none=True)
     # Once per optimizer step, outside autograd; rate 0 still snapshots the counts for the stats.
     update_expert_bias(model, bias_update_rate, reduce_fn=reduce_counts)
@@ -95,7 +118,7 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
     for inputs_BT, targets_BT in batches:
         with runtime.autocast():
             logits_BTV, _ = model(inputs_BT.to(runtime.device))
-        total += lm_loss(logits_BTV, targets_BT.to(runtime.device))
+        total += lm_loss(logits_BTV, targets_BT.to(runtime.device), getattr(model, "blocks_compiled", False))
     model.train()
     mean = total / max(1, len(batches))
     if distributed:

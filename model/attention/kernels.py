@@ -12,8 +12,8 @@ Backends:
   boolean ``T x T`` mask for windows (CPU only -- never on CUDA).
 * ``flex``: FlexAttention with a cached causal+window block mask; compiled on CUDA. On CPU flex has
   no backward: use it forward-only there.
-* ``auto``: on CUDA, SDPA for full causal when the q/k and v head dims are equal, else flex
-  (windows, MLA's 192/128 dims); elsewhere SDPA (masked for windows).
+* ``auto``: on CUDA, SDPA for full causal (cuDNN's kernel takes MLA's 192/128 dims in bf16 on
+  Hopper; elsewhere unequal dims go to flex), flex for windows; off CUDA, SDPA (masked for windows).
 
 GQA: ``k``/``v`` carry ``h`` heads with ``H % h == 0``; query head ``i`` uses kv head
 ``i // (H // h)`` (as HF's ``repeat_kv``). SDPA and flex get ``enable_gqa=True`` instead of a copy.
@@ -167,8 +167,19 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor, window: int)
     if backend != "auto":
         return backend
     if q.is_cuda:
-        return "sdpa" if window == 0 and q.shape[-1] == v.shape[-1] else "flex"
+        if window > 0:
+            return "flex"
+        return "sdpa" if q.shape[-1] == v.shape[-1] or _cudnn_takes_unequal_dims(q) else "flex"
     return "sdpa"
+
+
+def _cudnn_takes_unequal_dims(q: torch.Tensor) -> bool:
+    """SDPA reaches cuDNN's fused attention, which takes q/k and v head dims that differ (MLA's
+    192/128), in bf16/fp16 on Hopper and newer: 295 TFLOP/s fwd+bwd vs FlexAttention's 121 on an
+    H100 (docs/PERFORMANCE.md). Elsewhere SDPA would fall back to its slow memory-efficient
+    kernel, and FlexAttention is the better choice."""
+    return (q.dtype in (torch.bfloat16, torch.float16) and torch.backends.cuda.cudnn_sdp_enabled()
+            and torch.cuda.get_device_capability(q.device) >= (9, 0))
 
 
 def attend(q_BHTD: torch.Tensor, k_BhTD: torch.Tensor, v_BhTE: torch.Tensor, *, window: int,
