@@ -75,6 +75,10 @@ def flex_with(options: Optional[dict]) -> Callable:
     return fn
 
 
+def varlen_window(q, k, v, window, scale):
+    return kernels.attend(q, k, v, window=window, scale=scale, backend="varlen")
+
+
 def attend_auto(q, k, v, window, scale):
     return kernels.attend(q, k, v, window=window, scale=scale, backend="auto")
 
@@ -160,10 +164,10 @@ def run_variants(variants: Dict[str, Callable], B, H, h, T, dqk, dv, window, rep
     return rows
 
 
-def mla_suite(reps: int, small: bool = False) -> List[dict]:
+def mla_suite(reps: int, small: bool = False, full_variants: bool = True) -> List[dict]:
     B, H, T = (1, 2, 128) if small else (4, 16, 2048)
     variants: Dict[str, Callable] = {"attend_auto": attend_auto}
-    variants.update({name: flex_with(o) for name, o in FLEX_OPTIONS.items()})
+    variants.update({name: flex_with(o) for name, o in FLEX_OPTIONS.items() if full_variants or name == "flex_default"})
     for b in ("flash", "cudnn", "efficient", None):
         variants[f"sdpa_pad192_{b or 'any'}"] = sdpa_padded(b)
     for b in ("cudnn", "efficient"):
@@ -174,12 +178,13 @@ def mla_suite(reps: int, small: bool = False) -> List[dict]:
     return run_variants(variants, B, H, H, T, 192, 128, 0, reps, "mla")
 
 
-def swa_suite(reps: int, small: bool = False) -> List[dict]:
+def swa_suite(reps: int, small: bool = False, full_variants: bool = True) -> List[dict]:
     B, H, h, T, D, W = (1, 4, 1, 256, 64, 32) if small else (1, 4, 1, 8192, 256, 1024)
-    full = {"full_attend_auto": attend_auto, "full_sdpa_flash": sdpa_plain("flash"),
+    full = {"full_attend_auto": attend_auto, "full_varlen": varlen_window, "full_sdpa_flash": sdpa_plain("flash"),
             "full_sdpa_cudnn": sdpa_plain("cudnn"), "full_flex_default": flex_with(None)}
-    local = {"local_attend_auto": attend_auto}
-    local.update({f"local_{n}": flex_with(o) for n, o in FLEX_OPTIONS_D256.items()})
+    local = {"local_attend_auto": attend_auto, "local_varlen": varlen_window}
+    local.update({f"local_{n}": flex_with(o) for n, o in FLEX_OPTIONS_D256.items()
+                  if full_variants or n in ("flex_default", "flex_m128_n32_w8_s2")})
     if not torch.cuda.is_available():
         full = {"full_attend_auto": attend_auto}
         local = {"local_attend_auto": attend_auto}
@@ -201,6 +206,7 @@ def main(argv=None) -> None:
     ap.add_argument("--suite", default="mla,swa")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU test)")
+    ap.add_argument("--quick", action="store_true", help="only the default and the best flex tiles")
     args = ap.parse_args(argv)
     # Every variant recompiles flex (new shapes or tile options); past dynamo's default limit of 8
     # it would silently run flex unfused (the math reference) and time that instead.
@@ -212,9 +218,9 @@ def main(argv=None) -> None:
             setattr(torch._dynamo.config, name, value)
     rows: List[dict] = []
     if "mla" in args.suite:
-        rows += mla_suite(args.reps, args.small)
+        rows += mla_suite(args.reps, args.small, not args.quick)
     if "swa" in args.suite:
-        rows += swa_suite(args.reps, args.small)
+        rows += swa_suite(args.reps, args.small, not args.quick)
     env = environment()
     write_json(args.out, "attn", {"env": env, "results": rows})
     print(f"\n{env}")

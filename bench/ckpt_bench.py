@@ -1,6 +1,6 @@
 """Checkpoint stall per save and full commit time, sync vs async, through CheckpointManager.
 
-    python -m bench ckpt --model dsv3_mini --modes off,thread,process --saves 3 --out DIR
+    python -m bench ckpt --model dsv3_mini --modes off,thread,process,thread:device --saves 3 --out DIR
 
 For each mode: build the model and AdamW state on the GPU (one optimizer step so the moments
 exist), then `saves` times: save() (blocked), the wait() the trainer does before its next optimizer
@@ -59,10 +59,12 @@ def main(argv=None) -> None:
     state_bytes += sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                        if torch.is_tensor(v))
     results = []
-    for mode in args.modes.split(","):
+    for spec in args.modes.split(","):
+        mode, _, staging = spec.partition(":")  # e.g. thread:device (checkpoint.staging=device)
         root = args.dir or tempfile.mkdtemp(prefix="mf_ckpt_")
         ck = SimpleNamespace(root=root, every_steps=1, keep_last=1, keep_every=0, resume="none", async_mode=mode,
-                             save_final=True, storage_options={}, on_save_error="stop", upload_root="")
+                             staging=staging or "host", save_final=True, storage_options={}, on_save_error="stop",
+                             upload_root="")
         mgr = CheckpointManager(ck, root, f"bench_{mode}", process_group=dist.group.WORLD)
         for i in range(1, args.saves + 1):
             torch.cuda.synchronize() if dev.type == "cuda" else None
@@ -74,7 +76,7 @@ def main(argv=None) -> None:
             staging_wait = time.perf_counter() - t1
             final = mgr.wait_committed() or res
             commit = time.perf_counter() - t0
-            r = {"mode": mode, "save": i, "blocked_s": blocked, "staging_wait_s": staging_wait,
+            r = {"mode": spec, "save": i, "blocked_s": blocked, "staging_wait_s": staging_wait,
                  "stall_s": blocked + staging_wait, "commit_s": commit, "bytes": getattr(final, "bytes", -1),
                  "stats": mgr.last_save_stats()}
             results.append(r)

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - older layouts
 ERRORS = (Exception, CheckpointException)
 
 __all__ = ["ERRORS", "make_writer", "make_reader", "WeightsOnlyLoadPlanner", "save", "load",
-           "async_save_thread", "async_save", "process_mode_unavailable", "AsyncHandle",
+           "async_save_thread", "async_save", "DeviceSnapshotStager", "process_mode_unavailable", "AsyncHandle",
            "read_metadata", "describe", "Stateful"]
 
 
@@ -143,6 +143,69 @@ def _fresh_stager():
                                         use_async_staging=True, use_non_blocking_copy=cuda))
 
 
+def _map(obj: Any, fn) -> Any:
+    """``fn`` applied to every tensor (DTensors through their local shard) of a nested state."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        return DTensor.from_local(fn(obj.to_local()), obj.device_mesh, obj.placements, run_check=False,
+                                  shape=obj.shape, stride=obj.stride())
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: _map(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map(v, fn) for v in obj)
+    return obj
+
+
+class DeviceSnapshotStager:
+    """``checkpoint.staging=device``: stage by copying the state to spare accelerator memory.
+
+    ``stage`` clones every tensor on its own device (a device-to-device copy: ~4 TB/s on an
+    H100/H200, so tens of milliseconds for tens of GB) and waits for that copy only; the trainer
+    may change its parameters right after. A background thread then copies the snapshot to host
+    memory on a side CUDA stream (training kernels keep the default stream) and hands it to DCP's
+    writer, freeing the snapshot. Costs free device memory equal to the local state for the
+    duration of the host copy. Duck-typed ``AsyncStager`` (DCP's protocol: stage / synchronize_staging
+    / close / should_synchronize_after_execute)."""
+
+    _synchronize_after_execute = False
+    should_synchronize_after_execute = False
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeforge-d2h")
+        self.snapshot_s = 0.0
+
+    def stage(self, state_dict):
+        import time
+
+        t0 = time.perf_counter()
+        snap = _map(state_dict, lambda t: t.detach().clone())
+        if torch.cuda.is_available():
+            torch.cuda.current_stream().synchronize()  # the snapshot is complete; params may change
+        self.snapshot_s = time.perf_counter() - t0
+        return self._pool.submit(self._to_host, snap)
+
+    @staticmethod
+    def _to_host(snap):
+        if not torch.cuda.is_available():
+            return snap  # already host memory (a CPU run): the clone is the staged copy
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            host = _map(snap, lambda t: t.to("cpu") if t.is_cuda else t)
+        side.synchronize()
+        return host
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 class AsyncHandle:
     """One async save in flight: ``staging`` (None once staged / when staging was blocking),
     ``upload`` (DCP's write future), the stager to close after the write, and the mode used."""
@@ -157,11 +220,30 @@ class AsyncHandle:
             close()
 
 
-def async_save(state: Mapping[str, Any], writer, process_group=None, mode: str = "thread") -> AsyncHandle:
+def async_save(state: Mapping[str, Any], writer, process_group=None, mode: str = "thread",
+               staging: str = "host") -> AsyncHandle:
     """Start an async save in ``mode`` (``thread`` or ``process``); the caller checked
-    ``process_mode_unavailable()`` first. Thread mode stages with the writer itself (blocking
-    copy to host memory); process mode stages asynchronously with a fresh ``DefaultStager``."""
+    ``process_mode_unavailable()`` first. Host staging: a fresh ``DefaultStager`` (pinned,
+    asynchronous) where DCP has one, else the writer's blocking copy. Device staging (thread mode):
+    :class:`DeviceSnapshotStager`; the trainer need not wait for the host copy, so the handle's
+    staging is None once ``async_save`` returns."""
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    if staging == "device":
+        if mode != "thread" or "async_stager" not in inspect.signature(dcp.async_save).parameters:
+            raise ValueError("checkpoint.staging=device needs checkpoint.async_mode=thread and a torch whose "
+                             "dcp.async_save takes async_stager (>= 2.9)")
+        stager = DeviceSnapshotStager()
+        try:
+            with _quiet_no_dist():
+                out = dcp.async_save(dict(state), storage_writer=writer, process_group=process_group,
+                                     async_checkpointer_type=AsyncCheckpointerType.THREAD, no_dist=_no_dist(),
+                                     async_stager=stager)
+        except BaseException:
+            stager.close()
+            raise
+        upload = out if isinstance(out, Future) else out.upload_completion
+        return AsyncHandle(None, upload, stager, "thread")
 
     # async_stager= arrived with DefaultStager; older DCP stages with the writer (blocking). Both
     # modes stage through a fresh stager: pinned memory and non-blocking copies on GPU (the

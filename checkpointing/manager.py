@@ -29,6 +29,7 @@ ASYNC_MODES = ("off", "thread", "process")
 
 
 ON_SAVE_ERROR = ("continue", "stop")
+STAGING = ("host", "device")  # where an async save copies the state first (device: spare GPU memory)
 
 
 @dataclass
@@ -63,6 +64,12 @@ def validate_checkpoint_config(cfg: Any) -> None:
     """Rules for the ``checkpoint`` section; each message names the key and the fix."""
     if cfg.async_mode not in ASYNC_MODES:
         raise ConfigError(f"checkpoint.async_mode={cfg.async_mode!r} must be one of {', '.join(ASYNC_MODES)}")
+    staging = getattr(cfg, "staging", "host")
+    if staging not in STAGING:
+        raise ConfigError(f"checkpoint.staging={staging!r} must be one of {', '.join(STAGING)}")
+    if staging == "device" and cfg.async_mode != "thread":
+        raise ConfigError(f"checkpoint.staging=device works with checkpoint.async_mode=thread (got "
+                          f"{cfg.async_mode!r}): set checkpoint.async_mode=thread, or checkpoint.staging=host")
     on_error = getattr(cfg, "on_save_error", "stop")
     if on_error not in ON_SAVE_ERROR:
         raise ConfigError(f"checkpoint.on_save_error={on_error!r} must be one of {', '.join(ON_SAVE_ERROR)}")
@@ -262,7 +269,8 @@ class CheckpointManager:
 
     def _start_async(self, path, step, plain, writer, full_meta, trainer_state, t0) -> SaveResult:
         try:
-            handle = _dcp.async_save(plain, writer, self.process_group, self._async_mode)
+            handle = _dcp.async_save(plain, writer, self.process_group, self._async_mode,
+                                     staging=getattr(self.cfg, "staging", "host"))
         except _dcp.ERRORS as e:
             raise CheckpointError(f"saving checkpoint {path} failed to start: {_dcp.describe(e)}") from e
         del plain  # the stager holds its own host copy

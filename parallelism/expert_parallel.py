@@ -114,8 +114,12 @@ class _LocalView:
     """What GroupedExperts' math reads from ``self``, with the local shards of the weights."""
 
     def __init__(self, experts: GroupedExperts):
+        from torch.distributed.tensor import DTensor
+
         def local(p):
-            return p.to_local() if hasattr(p, "to_local") else p
+            # isinstance, not hasattr: under torch.compile dynamo answers hasattr(param, "to_local")
+            # False for a DTensor parameter, and the DTensor then reached grouped_mm / mm.
+            return p.to_local() if isinstance(p, DTensor) else p
 
         self.w1, self.w3, self.w2 = local(experts.w1), local(experts.w3), local(experts.w2)
         self.n_experts = self.w1.shape[0]

@@ -65,6 +65,7 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every m-th step forever; 0 = off
     resume: str = "auto"  # auto | none | a checkpoint path
     async_mode: str = "off"  # off | thread | process
+    staging: str = "host"  # host | device (thread mode: snapshot in spare GPU memory, ~0 stall)
     save_final: bool = True
     storage_options: Dict[str, Any] = field(default_factory=dict)
     on_save_error: str = "stop"  # stop: a failed save raises; continue: log it, keep training (no marker)

@@ -10,6 +10,9 @@ Backends:
 * ``eager``: plain matmul/softmax (fp32 softmax), the reference.
 * ``sdpa``: ``F.scaled_dot_product_attention``; ``is_causal=True`` for full causal, a materialised
   boolean ``T x T`` mask for windows (CPU only -- never on CUDA).
+* ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention's kernel) with its
+  ``window_size``: the kernel skips the key blocks outside the window (CUDA, bf16/fp16, equal
+  q/k/v head dims up to 256; torch versions whose varlen_attn takes ``window_size``).
 * ``flex``: FlexAttention with a cached causal+window block mask; compiled on CUDA. On CPU flex has
   no backward: use it forward-only there.
 * ``auto``: on CUDA, SDPA for full causal (cuDNN's kernel takes MLA's 192/128 dims in bf16 on
@@ -21,12 +24,13 @@ GQA: ``k``/``v`` carry ``h`` heads with ``H % h == 0``; query head ``i`` uses kv
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "sdpa", "flex", "eager")
+BACKENDS = ("auto", "sdpa", "flex", "varlen", "eager")
 
 _BLOCK_MASKS: Dict[Tuple[int, int, str], object] = {}
 _compiled_flex: Optional[Callable] = None
@@ -149,16 +153,64 @@ _FP32_WIDE_HEAD_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 32, "num_stages": 2,
                            "BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32}
 
 
+# bf16 with head dims over 128 (gemma3's 256): 128x32 tiles, 8 warps, 2 stages ran a window-1024
+# layer's fwd+bwd in 1.33-1.38 ms vs 1.57-1.71 ms with the defaults, and vs 1.49 ms for
+# FlashAttention's varlen window kernel, on an H100 (docs/PERFORMANCE.md, `python -m bench attn`).
+_BF16_WIDE_HEAD_OPTIONS = {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+
+
 def _flex_kernel_options(q: torch.Tensor, v: torch.Tensor) -> Optional[dict]:
-    if q.is_cuda and q.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > 128:
+    if not q.is_cuda or max(q.shape[-1], v.shape[-1]) <= 128:
+        return None
+    if q.dtype == torch.float32:
         return dict(_FP32_WIDE_HEAD_OPTIONS)
-    return None
+    return dict(_BF16_WIDE_HEAD_OPTIONS)
 
 
 def _flex(q, k, v, window: int, scale: float, n_rep: int) -> torch.Tensor:
     block_mask = flex_block_mask(q.shape[2], window, q.device)
     return _flex_fn(q.device)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=n_rep > 1,
                               kernel_options=_flex_kernel_options(q, v))
+
+
+_varlen_api: Optional[Tuple[Optional[Callable], bool]] = None
+
+
+def _varlen_fn() -> Tuple[Optional[Callable], bool]:
+    """(varlen_attn, takes enable_gqa) when this torch's varlen_attn has ``window_size``, else (None, _)."""
+    global _varlen_api
+    if _varlen_api is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _varlen_api = (None, False)
+        else:
+            params = inspect.signature(varlen_attn).parameters
+            _varlen_api = (varlen_attn if "window_size" in params else None, "enable_gqa" in params)
+    return _varlen_api
+
+
+def _varlen(q, k, v, window: int, scale: float, n_rep: int) -> torch.Tensor:
+    fn, takes_gqa = _varlen_fn()
+    if fn is None:
+        raise ValueError("attention backend 'varlen' needs torch.nn.attention.varlen.varlen_attn with "
+                         "window_size (torch >= 2.10); use backend 'flex' or 'auto'")
+    kwargs = {}
+    if n_rep > 1:
+        if takes_gqa:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    B, H, T, D = q.shape
+    # Packed [B*T, heads, dim] with B sequences of T tokens each.
+    q_NHD = q.transpose(1, 2).reshape(B * T, H, D)
+    k_NhD = k.transpose(1, 2).reshape(B * T, k.shape[1], D)
+    v_NhE = v.transpose(1, 2).reshape(B * T, v.shape[1], v.shape[-1])
+    cu_seq = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+    # FlashAttention's window (left, right): keys i - left <= j <= i + right. Ours: W keys up to i.
+    left = window - 1 if window > 0 else -1
+    o_NHE = fn(q_NHD, k_NhD, v_NhE, cu_seq, cu_seq, T, T, scale=scale, window_size=(left, 0), **kwargs)
+    return o_NHE.view(B, T, H, v.shape[-1]).transpose(1, 2)
 
 
 def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor, window: int) -> str:
@@ -168,7 +220,7 @@ def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor, window: int)
         return backend
     if q.is_cuda:
         if window > 0:
-            return "flex"
+            return "flex"  # with tuned tiles; "varlen" is selectable, slower at head dim 256
         return "sdpa" if q.shape[-1] == v.shape[-1] or _cudnn_takes_unequal_dims(q) else "flex"
     return "sdpa"
 
@@ -191,4 +243,6 @@ def attend(q_BHTD: torch.Tensor, k_BhTD: torch.Tensor, v_BhTE: torch.Tensor, *, 
         return _eager(q_BHTD, k_BhTD, v_BhTE, window, scale, n_rep)
     if which == "sdpa":
         return _sdpa(q_BHTD, k_BhTD, v_BhTE, window, scale, n_rep)
+    if which == "varlen":
+        return _varlen(q_BHTD, k_BhTD, v_BhTE, window, scale, n_rep)
     return _flex(q_BHTD, k_BhTD, v_BhTE, window, scale, n_rep)
