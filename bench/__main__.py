@@ -3,7 +3,7 @@
 import sys
 
 SUITES = {"smoke": "bench.smoke", "train": "bench.train_bench", "ckpt": "bench.ckpt_bench",
-          "attn": "bench.attn"}
+          "attn": "bench.attn", "compare": "bench.compare", "split": "bench.split"}
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ for stage in $STAGES; do
           output_dir=/tmp/mf_runs health.preflight=off > "$OUT/train_$exp.txt" 2>&1
         echo "$exp rc=$?"; grep -E "^step=|device|rror" "$OUT/train_$exp.txt" | tail -4
       done;;
-    attn) timeout 330 python3 -m bench attn --reps ${ATTN_REPS:-10} --out "$OUT" > "$OUT/attn.txt" 2>&1; echo "attn rc=$?"
+    attn) timeout 330 python3 -m bench attn --reps ${ATTN_REPS:-10} ${ATTN_ARGS:-} --out "$OUT" > "$OUT/attn.txt" 2>&1; echo "attn rc=$?"
           grep "^|" "$OUT/attn.txt";;
     profile)  # where one GPU's step time goes: top device ops of 3 profiled steps
       for spec in ${PROFILE_SPECS:-"$MOE:4:--compile" "$DENSE:4:--compile"}; do

@@ -1,0 +1,48 @@
+"""bench/peer.py: the Hugging Face peer has our geometry. Llama and DeepSeek-V3 peers loaded with
+our weights (``checkpointing.export.to_hf``) give our logits; the Gemma 3 mapping keeps the preset's
+layer pattern, heads and window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.common import preset
+from bench.ours import model_config
+from bench.peer import PeerConfigError, gemma3_text_config, peer_architecture
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("name,arch", [("llama_1b", "llama"), ("dsv3_mini", "deepseek_v3")])
+def test_peer_with_our_weights_gives_our_logits(name, arch):
+    from bench.peer import build_peer
+    from checkpointing.export import to_hf
+    from model.transformer import Transformer
+
+    cfg = model_config(name, tiny=True)
+    ours = Transformer(cfg)
+    ours.init_weights(0, device="cpu")
+    peer, info = build_peer(cfg, torch.device("cpu"))
+    missing, unexpected = peer.load_state_dict(to_hf(ours.state_dict(), arch, "fused"), strict=False)
+    assert not missing and not unexpected
+    ours.eval(), peer.eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(peer(input_ids=x, use_cache=False).logits, ours(x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_gemma3_mapping_keeps_the_preset_geometry():
+    cfg = preset("gemma3_swa_1b")
+    c = gemma3_text_config(cfg)
+    assert c["layer_types"] == (["sliding_attention"] * 5 + ["full_attention"]) * 4 + ["sliding_attention"] * 2
+    assert c["sliding_window"] == 1024 and c["head_dim"] == 256 == c["query_pre_attn_scalar"]
+    assert (c["num_attention_heads"], c["num_key_value_heads"]) == (4, 1)
+    assert c["tie_word_embeddings"] and c["vocab_size"] == 32768 and c["hidden_activation"] == "silu"
+    assert peer_architecture(cfg) == "gemma3"
+
+
+def test_gemma3_mapping_refuses_what_gemma3_cannot_express():
+    cfg = preset("gemma3_swa_1b", attention={"qk_norm": False})
+    with pytest.raises(PeerConfigError, match="qk_norm"):
+        gemma3_text_config(cfg)
