@@ -3,7 +3,8 @@
 ``ls``     one line per step directory: step, status, tokens, size, age.
 ``verify`` per step: OK / PARTIAL (no marker) / FAIL, checking marker, meta.json and
            trainer_state.json, DCP ``.metadata``, and that every shard file it lists exists, covers
-           its byte ranges and reads to the end; then ``committed: ...`` and ``partial: ...`` lines.
+           its byte ranges and reads to the end (a DeepSpeed checkpoint: every file meta.json lists,
+           at its size); then ``committed: ...`` and ``partial: ...`` lines.
            Exit 1 if any committed step fails, a named step directory is not committed, or nothing
            is committed.
 ``export`` the model weights as a Hugging Face directory (safetensors + config.json), see
@@ -18,6 +19,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from checkpointing import _dcp, commit, layout
+from checkpointing.engine_state import check_files
 from checkpointing.storage import Storage
 
 
@@ -90,11 +92,15 @@ def verify_step(st: Storage, d: str) -> List[str]:
     problems = []
     if not commit.is_committed(st, d):
         problems.append(f"no {layout.COMMIT_MARKER} marker (uncommitted)")
+    found = {}
     for name in (layout.META_FILE, layout.TRAINER_STATE_FILE):
         try:
-            commit.read_json(st, layout.join(d, name))
+            found[name] = commit.read_json(st, layout.join(d, name))
         except Exception as e:  # noqa: BLE001
             problems.append(f"{name}: {type(e).__name__}: {e}")
+    engine = (found.get(layout.META_FILE) or {}).get("engine")
+    if engine:  # an engine's own format (DeepSpeed): the files meta.json lists, sizes and reads
+        return problems + check_files(st, d, engine, read=True)
     try:
         md = _dcp.read_metadata(st.native(d), st.is_local, st.storage_options)
     except Exception as e:  # noqa: BLE001

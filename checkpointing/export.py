@@ -334,6 +334,11 @@ def export(path: str, out: str, step: Optional[int] = None, dtype: str = "bfloat
         raise CheckpointError(f"--experts-layout {experts_layout!r} must be one of {', '.join(EXPERT_LAYOUTS)}")
     st = Storage(path, storage_options)
     step_dir = resolve_step_dir(path, st, step)
+    engine = commit.read_meta(st, step_dir).get("engine")
+    if engine:
+        raise CheckpointError(f"{step_dir} was written by {engine.get('format')} (parallel.engine="
+                              f"{engine.get('format')}); export reads DCP checkpoints only. For DeepSpeed, "
+                              "consolidate the weights with its zero_to_fp32.py in that directory")
     cfg = load_model_config(step_dir, st, config_path)
     arch = architecture(cfg)
     config = llama_config(cfg, dtype) if arch == "llama" else deepseek_v3_config(cfg, dtype)

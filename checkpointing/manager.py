@@ -5,6 +5,8 @@ The trainer builds ``state``: a dict of Stateful objects and/or nested dicts of 
 Everything in it goes through DCP (tensors and the optimizer's primitive hyper-parameters).
 Non-tensor trainer state (data cursor, LR schedule, cost meter, W&B run id) is passed as
 ``trainer_state`` and lands in ``trainer_state.json``; the summary ``meta`` in ``meta.json``.
+An engine that writes its own format (DeepSpeed) passes an ``EngineState`` instead of the dict
+(``checkpointing.engine_state``): same commit, retention and resume, synchronous saves only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from checkpointing import _dcp, commit, layout, resume, retention
+from checkpointing.engine_state import EngineState, check_files
 from checkpointing.errors import CheckpointError, ConfigError
 from checkpointing.storage import Storage
 from checkpointing.upload import Uploader
@@ -222,29 +225,39 @@ class CheckpointManager:
         if prep["committed"]:
             log.info("checkpoint %s is already committed; not saving it again", path)
             return SaveResult(path, step, 0.0, -1, committed=True, mode=self._async_mode)
-        try:
-            plain = _materialise(state)
-        except CheckpointError:
-            raise
-        except _dcp.ERRORS as e:
-            raise CheckpointError(f"saving checkpoint {path} failed reading the state: {_dcp.describe(e)}") from e
+        engine = isinstance(state, EngineState)  # the engine writes its own format (DeepSpeed)
+        if engine:
+            self._check_engine_target(state)
+        else:
+            try:
+                plain = _materialise(state)
+            except CheckpointError:
+                raise
+            except _dcp.ERRORS as e:
+                raise CheckpointError(f"saving checkpoint {path} failed reading the state: "
+                                      f"{_dcp.describe(e)}") from e
         full_meta = layout.build_meta(step, self.world_size, meta or {})
         trainer_state = dict(trainer_state or {})
-        writer = _dcp.make_writer(self.storage.native(path), self.storage.is_local,
-                                  self.storage.storage_options)
-
-        if self._async_mode in ("thread", "process"):
-            return self._start_async(path, step, plain, writer, full_meta, trainer_state, t0)
+        if not engine:
+            writer = _dcp.make_writer(self.storage.native(path), self.storage.is_local,
+                                      self.storage.storage_options)
+            if self._async_mode in ("thread", "process"):
+                return self._start_async(path, step, plain, writer, full_meta, trainer_state, t0)
 
         error = None
         try:
-            _dcp.save(plain, writer, self.process_group)
+            if engine:
+                state.save(self.storage.native(path))
+            else:
+                _dcp.save(plain, writer, self.process_group)
         except _dcp.ERRORS as e:  # noqa: BLE001 - re-raised below on every rank, with the path
             error = _dcp.describe(e)
         # The barrier: every rank's shards are durable (fsynced) once all ranks are past it.
         errors = self._all_errors(error)
         if not errors and self.rank == 0:
             try:
+                if engine:  # what verify and the next load check the files against
+                    full_meta["engine"] = state.describe(self.storage.native(path), self.world_size)
                 commit.write_commit(self.storage, path, full_meta, trainer_state)
             except Exception as e:  # noqa: BLE001
                 errors = [f"commit: {type(e).__name__}: {e}"]
@@ -266,6 +279,26 @@ class CheckpointManager:
             self._after_commit(step)
         self._last = res
         return res
+
+    def _check_engine_target(self, state: EngineState) -> None:
+        if not self.storage.is_local:
+            raise CheckpointError(f"{state.format} writes its checkpoint files with local file I/O: "
+                                  f"checkpoint.root must be a local path or a POSIX mount, not {self.run_dir}")
+        if self._async_mode != "off":
+            raise CheckpointError(f"{state.format} saves synchronously: set checkpoint.async_mode=off "
+                                  f"(it is {self._async_mode})")
+
+    def _load_engine(self, state: EngineState, st: Storage, path: str, meta: Mapping[str, Any]) -> None:
+        """Every rank checks the listed files first and all agree, so a missing or truncated file
+        fails everywhere before any collective inside the engine's load."""
+        if not meta.get("engine"):
+            raise CheckpointError(f"{path} holds DCP shards (parallel.engine=fsdp2), not a {state.format} "
+                                  "checkpoint: resume it with parallel.engine=fsdp2")
+        problems = check_files(st, path, meta["engine"])
+        errors = self._all_errors("; ".join(problems) if problems else None)
+        if errors:
+            raise CheckpointError(f"{state.format} checkpoint {path} is damaged: " + "; ".join(errors))
+        state.load(st.native(path), meta)
 
     def _start_async(self, path, step, plain, writer, full_meta, trainer_state, t0) -> SaveResult:
         try:
@@ -410,8 +443,17 @@ class CheckpointManager:
         try:
             meta = commit.read_meta(st, path)
             trainer_state = commit.read_trainer_state(st, path)
-            reader = _dcp.make_reader(st.native(path), st.is_local, st.storage_options)
-            _dcp.load(state, reader, self.process_group)
+            if isinstance(state, EngineState):
+                self._load_engine(state, st, path, meta)
+            elif meta.get("engine"):
+                raise CheckpointError(f"{path} was written by {meta['engine'].get('format')} "
+                                      f"(parallel.engine={meta['engine'].get('format')}), not as DCP shards: "
+                                      "resume it with that engine")
+            else:
+                reader = _dcp.make_reader(st.native(path), st.is_local, st.storage_options)
+                _dcp.load(state, reader, self.process_group)
+        except CheckpointError:
+            raise
         except _dcp.ERRORS as e:
             raise CheckpointError(f"loading checkpoint {path} failed: {_dcp.describe(e)}") from e
         meta["trainer_state"] = trainer_state

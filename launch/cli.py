@@ -65,6 +65,15 @@ def _instance_type(args, cfg) -> str:
     return args.instance_type or (cfg.cluster.instance_type if cfg.cluster.instance_type != "local" else "")
 
 
+def _neuron_env(c) -> dict:
+    """trainer.device=neuron on EKS: the Neuron variables in the pod spec (no precompile step there)."""
+    if c.cfg.trainer.device != "neuron":
+        return {}
+    from train.neuron_env import recommended_xla_env
+
+    return {s.key: s.value for s in recommended_xla_env("neuron", c.cfg.neuron, c.run_dir, local_rank=None)}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     head, overrides = _split(argv)
@@ -94,7 +103,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(str(e), file=sys.stderr)
         return EXIT_CONFIG_ERROR
     gpus = args.gpus_per_node if args.gpus_per_node is not None else int(c.cfg.cluster.accelerators_per_node or 0)
+    xla = c.cfg.trainer.device in ("neuron", "xla")
+    if xla:  # NeuronCores are not Slurm GPUs, and the XLA path runs one process (train/neuron_env.py)
+        gpus = args.gpus_per_node or 0
     nproc = args.nproc_per_node or gpus or 1
+    if xla:
+        from train.neuron_env import xla_config_errors
+
+        errors = xla_config_errors(c.cfg, args.nodes * nproc)
+        if errors:
+            print("config error: " + "; ".join(errors), file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     print(f"run_name={c.run_name}")
     print(f"run_dir={c.run_dir}")
 
@@ -114,9 +133,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         job = E.EksJob(run_name=c.run_name, run_dir=c.run_dir, overrides=c.overrides,
                        instance_type=args.instance_type, nodes=args.nodes,
-                       nproc_per_node=args.nproc_per_node or 0, image=args.image, namespace=args.namespace,
+                       nproc_per_node=args.nproc_per_node or (1 if xla else 0), image=args.image,
+                       namespace=args.namespace,
                        workdir=args.workdir, fsx_claim=args.fsx_claim, fsx_mount=args.fsx_mount,
-                       max_retries=max(args.max_retries, 1))
+                       max_retries=max(args.max_retries, 1), extra_env=_neuron_env(c))
         try:
             E.resources(args.instance_type)
         except ValueError as e:
@@ -147,7 +167,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                      cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
                      signal_lead_s=args.signal_lead, max_retries=args.max_retries,
                      hyperpod="on" if (args.hyperpod or args.target == "hyperpod") else "auto",
-                     exclusive=args.exclusive or gpus > 0, rdzv_port=args.rdzv_port, local_addr=args.local_addr)
+                     exclusive=args.exclusive or gpus > 0 or c.cfg.trainer.device == "neuron",
+                     rdzv_port=args.rdzv_port, local_addr=args.local_addr)
+    if c.cfg.trainer.device == "neuron":  # Neuron variables and the neuron_parallel_compile trial run
+        from launch.neuron import neuron_launch
+
+        job.neuron = neuron_launch(c.cfg, c.overrides, c.run_dir)
     path = S.write(job)
     print(f"script={path}")
     if args.dry_run:

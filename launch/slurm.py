@@ -22,7 +22,7 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, List, Optional
 
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 HYPERPOD_MARKER = "/opt/sagemaker_cluster"
@@ -49,6 +49,7 @@ class SlurmJob:
     rdzv_port: int = 0  # 0 = derived from the job id
     local_addr: str = ""  # "" = 127.0.0.1 on one node, torchrun's own choice on several
     extra_sbatch: List[str] = field(default_factory=list)
+    neuron: Optional[Any] = None  # launch.neuron.NeuronLaunch for trainer.device=neuron
 
     @property
     def script_path(self) -> str:
@@ -86,6 +87,17 @@ def render(job: SlurmJob) -> str:
     hp = {"auto": "auto", "on": "1", "off": "0"}[job.hyperpod]
     torchrun = " ".join(q(a) for a in _torchrun(job.python))
     overrides = " ".join(q(o) for o in job.overrides)
+    # The step: one task per node holding all of the job's CPUs on it (torchrun's workers share them).
+    srun = (f'srun --kill-on-bad-exit=1 --nodes={job.nodes} --ntasks-per-node=1 \\\n'
+            f'  --cpus-per-task="${{SLURM_CPUS_PER_TASK:-${{SLURM_CPUS_ON_NODE:-1}}}}" "${{srun_extra[@]}}" \\\n')
+    torchrun_args = (f'{torchrun} --nnodes={job.nodes} --nproc-per-node={job.nproc_per_node} \\\n'
+                     f'  --rdzv-backend=c10d --rdzv-endpoint="{endpoint_host}:$port" --rdzv-id="$SLURM_JOB_ID" '
+                     f'{local_addr} \\\n  --max-restarts=0 --signals-to-handle={SIGNALS_TO_HANDLE} \\\n')
+    neuron = ""
+    if job.neuron is not None:
+        from launch.neuron import render_block
+
+        neuron = render_block(job.neuron, srun, torchrun_args)
     return f"""#!/bin/bash
 {header}
 # Rendered by `python -m launch slurm` for run {job.run_name}. Re-render rather than edit.
@@ -111,7 +123,9 @@ head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 port={port}
 
 step_pid=""
+signalled=""
 forward() {{  # to every step task (the torchrun agents on each node), which relay it to the workers
+  signalled=$1
   log "got SIG$1; forwarding to the step${{step_pid:+ (srun pid $step_pid)}}"
   if [ -n "$step_pid" ]; then
     # in the background: scancel can block while slurmctld is busy requeueing this very job
@@ -126,15 +140,10 @@ requeue() {{
   exit 0
 }}
 
-rm -f "$RUN_DIR"/exit_code.rank*.json
+{neuron}rm -f "$RUN_DIR"/exit_code.rank*.json
 log "start on $node (nodes: $SLURM_JOB_NODELIST) RUN_DIR=$RUN_DIR rdzv={endpoint_host}:$port ${{srun_extra[*]:-}}"
 # one task per node holding all of the job's CPUs on it (torchrun's workers share them)
-srun --kill-on-bad-exit=1 --nodes={job.nodes} --ntasks-per-node=1 \\
-  --cpus-per-task="${{SLURM_CPUS_PER_TASK:-${{SLURM_CPUS_ON_NODE:-1}}}}" "${{srun_extra[@]}}" \\
-  {torchrun} --nnodes={job.nodes} --nproc-per-node={job.nproc_per_node} \\
-  --rdzv-backend=c10d --rdzv-endpoint="{endpoint_host}:$port" --rdzv-id="$SLURM_JOB_ID" {local_addr} \\
-  --max-restarts=0 --signals-to-handle={SIGNALS_TO_HANDLE} \\
-  -m train {overrides} &
+{srun}  {torchrun_args}  -m train {overrides} &
 step_pid=$!
 wait "$step_pid"; rc=$?
 while [ "$rc" -gt 128 ] && kill -0 "$step_pid" 2>/dev/null; do wait "$step_pid"; rc=$?; done

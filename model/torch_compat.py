@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["grouped_mm", "grouped_mm_fn", "has_grouped_mm", "grouped_mm_dims_ok"]
+__all__ = ["grouped_mm", "grouped_mm_fn", "has_grouped_mm", "grouped_mm_dims_ok", "index_select_1d"]
 
 
 def grouped_mm_fn() -> Optional[Callable]:
@@ -110,3 +110,16 @@ def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) ->
     if torch.is_grad_enabled() and y_NF.requires_grad:
         y_NF = _DenseGrad.apply(y_NF)
     return y_NF
+
+
+def index_select_1d(x_N: torch.Tensor, index_M: torch.Tensor) -> torch.Tensor:
+    """``x_N.index_select(0, index_M)`` for a 1-D ``x_N``.
+
+    torch-xla 2.9.0 (PJRT CPU, probed 2026-11-22) aborts the process ("F shape.h:848 Check failed:
+    buffer != nullptr") when ``index_select``'s index is a sort's indices output (``argsort``,
+    ``sort().indices``) still pending in the lazy graph; ``gather`` computes the same and runs.
+    CPU and CUDA keep ``index_select``.
+    """
+    if x_N.device.type == "xla":
+        return torch.gather(x_N, 0, index_M)
+    return x_N.index_select(0, index_M)

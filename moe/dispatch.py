@@ -22,6 +22,8 @@ from typing import Any, Protocol, Tuple, runtime_checkable
 
 import torch
 
+from model.torch_compat import index_select_1d
+
 __all__ = ["TokenDispatcher", "LocalDispatcher", "LocalDispatchContext"]
 
 
@@ -61,7 +63,7 @@ class LocalDispatcher:
         return x_ND, tokens_per_expert_E, LocalDispatchContext(order_N, token_N, T)
 
     def combine(self, y_ND, topk_weights_TK, ctx: LocalDispatchContext):
-        w_N = topk_weights_TK.reshape(-1).index_select(0, ctx.order_N)
+        w_N = index_select_1d(topk_weights_TK.reshape(-1), ctx.order_N)
         # Weighting and the K-way sum in fp32, cast once at the end.
         out_TD = y_ND.new_zeros((ctx.n_tokens, y_ND.shape[-1]), dtype=torch.float32)
         out_TD.index_add_(0, ctx.token_N, y_ND.float() * w_N.float().unsqueeze(-1))

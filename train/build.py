@@ -4,27 +4,49 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-
 
 
 @dataclass
 class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast dtype, None = full fp32
+    xla: Any = None  # train.xla.XlaRuntime for trainer.device=neuron|xla, else None
 
     @property
     def device_type(self) -> str:
         return self.device.type
+
+    @property
+    def init_device(self) -> torch.device:
+        """Where the weights are materialised and initialised. XLA devices have no random generator:
+        they initialise on CPU (bit-identical to a CPU run) and the trainer moves the model."""
+        return torch.device("cpu") if self.xla is not None else self.device
 
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def sync(self) -> None:
+        """XLA: cut the traced graph here and run it (train/xla.py says where). Elsewhere nothing."""
+        if self.xla is not None:
+            self.xla.sync()
+
+    def peak_flops(self, cluster) -> float | None:
+        """XLA: the peak per process (train/xla.py); None elsewhere (looked up from the device)."""
+        return self.xla.peak_flops(cluster) if self.xla is not None else None
+
 
 def resolve_runtime(device: str, precision: str, local_rank: int = 0) -> Runtime:
+    if device in ("neuron", "xla"):
+        from train.xla import XlaRuntime  # the only import of torch_xla, and only for these devices
+
+        xla = XlaRuntime(device)
+        precision = xla.default_precision() if precision == "auto" else precision
+        return Runtime(xla.device, torch.bfloat16 if precision == "bf16" else None, xla)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":

@@ -26,7 +26,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | neuron (Trainium, torch-neuronx) | xla (any torch-xla device)
     grad_clip: float = 1.0
     early_stop_patience: int = 0  # evals without val-loss improvement before stopping; 0 = off
     early_stop_min_delta: float = 0.0
@@ -48,13 +48,29 @@ class OptimConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """``parallel.engine=deepspeed`` only (docs/backends.md). The batch, accumulation, clipping and
+    precision keys of DeepSpeed's JSON come from ``trainer``; the optimizer is ours (``optim``)."""
+
+    zero_stage: int = 2  # 1: optimizer state sharded | 2: + gradients | 3: + parameters
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
+    offload_param: bool = False  # ZeRO-3 only: parameters live on the CPU between uses
+    overlap_comm: bool = False  # overlap gradient reduction with backward (more memory)
+    reduce_bucket_size: int = 500_000_000  # elements per gradient-reduction bucket
+    # Passed through to DeepSpeed's config as is (e.g. {"zero_optimization": {"round_robin_gradients":
+    # true}}); keys moeforge sets itself are refused, naming the key that sets them.
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: every rank not used by dp_replicate
     ep: int = 1
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
     timeout_s: float = 600.0
-    engine: str = "fsdp2"
+    engine: str = "fsdp2"  # fsdp2 | deepspeed (ZeRO 1-3; pip install -e '.[deepspeed]')
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass
@@ -126,6 +142,7 @@ class HealthConfig:
     straggler_min_slow: int = 3  # k: windows over the threshold before a rank is named
     nan_max_skips: int = 3  # consecutive non-finite steps skipped before on_exhausted
     nan_on_exhausted: str = "rollback"  # rollback (to the last committed checkpoint) | stop
+    nan_max_rollbacks: int = 3  # rollbacks per process before the guard stops instead (exit 1)
     # Fault injection for drills and tests: the loss of these (1-based) steps is made NaN.
     fault_inject_nan_steps: List[int] = field(default_factory=list)
     fault_inject_rank: int = 0  # the rank that hangs or straggles below
@@ -147,6 +164,15 @@ class LoggingConfig:
 
 
 @dataclass
+class NeuronConfig:
+    """``trainer.device=neuron`` (and its launch templates); train/neuron_env.py, docs/backends.md."""
+
+    compile_cache: str = ""  # "" = <run dir>/neuron-compile-cache; a path or s3://bucket/prefix
+    cc_flags: str = ""  # more neuronx-cc flags, after --model-type=transformer --auto-cast=none
+    precompile_steps: int = 10  # launch: steps of the neuron_parallel_compile trial run; 0 = none
+
+
+@dataclass
 class TrainConfig:
     run_name: str = ""  # "" = stable name derived from the config (never the clock)
     output_dir: str = "outputs"
@@ -160,3 +186,4 @@ class TrainConfig:
     cost: CostConfig = field(default_factory=CostConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    neuron: NeuronConfig = field(default_factory=NeuronConfig)

@@ -44,10 +44,14 @@ PEAK_BF16_TFLOPS: Dict[str, Tuple[float, str]] = {
     "L40S": (362.0, "NVIDIA L40S datasheet, 362 dense / 733 sparse"),
     # B200 (HGX B200, per GPU): 2.25 PFLOPS dense FP16/BF16, 4.5 sparse. Unverified here.
     "B200": (2250.0, "NVIDIA HGX B200 spec, 4.5 PF sparse / 2 per GPU (unverified)"),
-    # AWS Neuron docs, Trainium architecture: 190 FP16/BF16/TF32 TFLOPS per Trainium chip.
-    "Trainium1": (190.0, "AWS Neuron docs, Trainium architecture: 190 BF16 TFLOPS per chip"),
-    # AWS Neuron docs, Trainium2 architecture: 667 BF16/FP16/TF32 dense TFLOPS per chip.
-    "Trainium2": (667.0, "AWS Neuron docs, Trainium2 architecture: 667 BF16 TFLOPS per chip"),
+    # AWS Neuron docs, "Trainium architecture": 2 x NeuronCore-v2 per chip delivering 190
+    # FP16/BF16/cFP8/TF32 TFLOPS (the Trn1 instance table: 3,040 for 16 chips). Newer pages of the
+    # Trainium2 comparison table print 191 for Trainium; we keep the chip page's 190.
+    "Trainium1": (190.0, "AWS Neuron docs, Trainium architecture: 190 BF16 TFLOPS per chip (2 NeuronCore-v2)"),
+    # AWS Neuron docs, "Trainium2 architecture" (checked 2026-11-22): 8 x NeuronCore-v3 per chip
+    # that "collectively deliver 667 BF16/FP16/TF32 TFLOPS" dense (2,563 sparse); the earlier beta
+    # page said 655. Trn2 instance table: 10.7 PFLOPS for 16 chips.
+    "Trainium2": (667.0, "AWS Neuron docs, Trainium2 architecture: 667 dense BF16 TFLOPS per chip (8 NeuronCore-v3)"),
     "cpu": (0.0, "unknown: depends on SKU/cores/AMX; set cluster.peak_tflops_override"),
 }
 
@@ -79,6 +83,23 @@ _ALIASES: Dict[str, str] = {
     "trainium": "Trainium1",
     "trn2": "Trainium2",
 }
+
+
+# Physical NeuronCores per Trainium chip (same AWS pages as the peaks above). A torch-neuronx process
+# drives one logical NeuronCore: on Trainium2 that is NEURON_LOGICAL_NC_CONFIG physical cores (2 by
+# default: a trn2.48xlarge shows 64 logical cores), on Trainium1 always one.
+NEURONCORES_PER_CHIP: Dict[str, int] = {"Trainium1": 2, "Trainium2": 8}
+DEFAULT_LNC: Dict[str, int] = {"Trainium1": 1, "Trainium2": 2}
+
+
+def neuroncore_peak_flops(name: str, lnc: int | None = None) -> float:
+    """Dense bf16 peak of one logical NeuronCore in FLOP/s (0.0 when ``name`` is not a Trainium):
+    the chip's peak over its physical cores, times ``lnc`` (None: the generation's default)."""
+    key = normalize_accelerator(name)
+    if key not in NEURONCORES_PER_CHIP:
+        return 0.0
+    per_core = PEAK_BF16_TFLOPS[key][0] / NEURONCORES_PER_CHIP[key]
+    return per_core * (lnc or DEFAULT_LNC[key]) * 1e12
 
 
 def normalize_accelerator(name: str) -> str:

@@ -60,6 +60,21 @@ def write_resolved_config(cfg: TrainConfig, directory: str) -> None:
     os.replace(os.path.join(directory, "config.yaml.tmp"), os.path.join(directory, "config.yaml"))
 
 
+def _log_xla(runtime, xla_env: dict) -> None:
+    from train.neuron_env import extracting_graphs
+
+    log.info("xla: %s", runtime.xla.versions())
+    for setting in xla_env["set"]:
+        log.info("neuron: set %s=%s (%s)", setting.key, setting.value, setting.reason)
+    for key, value in xla_env["kept"].items():
+        log.info("neuron: kept %s=%s (already set)", key, value)
+    for note in xla_env["notes"]:
+        log.warning("neuron: %s", note)
+    if extracting_graphs():
+        log.warning("neuron_parallel_compile trial run (NEURON_EXTRACT_GRAPHS_ONLY): graphs are compiled, "
+                    "not executed; losses and metrics below are placeholders")
+
+
 def run(cfg: TrainConfig) -> int:
     from train.cost import process_start_time
 
@@ -76,6 +91,10 @@ def run(cfg: TrainConfig) -> int:
     health = HealthRuntime(cfg.health, rank=rank, local_rank=local_rank, world_size=world, run_dir=directory)
     health.apply_early_env()  # NCCL flight recorder: must precede the process group
     efa = apply_efa_env()
+    from train.neuron_env import apply_xla_env, recommended_xla_env
+
+    # Neuron compiler/cache/runtime variables: read when torch_xla is imported, so before that.
+    xla_env = apply_xla_env(recommended_xla_env(cfg.trainer.device, cfg.neuron, directory, local_rank))
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, local_rank)
     ctx = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, runtime.device_type)
     health.group = ctx.control_group
@@ -87,6 +106,8 @@ def run(cfg: TrainConfig) -> int:
             log.info("versions: %s", versions_report())
             for setting in efa.get("set", []):
                 log.info("EFA: set %s=%s (%s)", setting.key, setting.value, setting.reason)
+            if runtime.xla is not None:
+                _log_xla(runtime, xla_env)
         expected = cfg.health.expected_gpus or cfg.cluster.accelerators_per_node
         report = health.preflight(expected, cfg.cluster.instance_type) if runtime.device_type == "cuda" else None
         if report is not None and not report.healthy:

@@ -15,12 +15,12 @@ import os
 
 # Sections/keys that do not define *what* is trained.
 _NAME_EXCLUDES = {
-    "run_name", "output_dir", "logging", "cost", "health", "cluster", "checkpoint",
+    "run_name", "output_dir", "logging", "cost", "health", "cluster", "checkpoint", "neuron",
 }
 _TRAINER_EXCLUDES = {"max_steps", "log_every", "eval_every", "eval_batches", "compile",
                      "activation_checkpointing", "micro_batch_size", "device", "detect_anomaly",
                      "early_stop_patience", "early_stop_min_delta"}
-_PARALLEL_EXCLUDES = {"dp_replicate", "dp_shard", "ep", "backend", "timeout_s"}
+_PARALLEL_EXCLUDES = {"dp_replicate", "dp_shard", "ep", "backend", "timeout_s", "deepspeed"}
 
 
 def identity(cfg) -> dict:

@@ -76,6 +76,7 @@ def train_step(
         ((loss + aux) / n_micro).backward()
         loss_sum += loss.detach()
         aux_sum += aux.detach()
+        runtime.sync()  # XLA: one traced graph per micro-batch, whatever the accumulation count
     params = [p for p in model.parameters() if p.grad is not None]
     # Works for plain tensors and for DTensors on different meshes (experts under EP). With fused
     # AdamW on plain tensors the clip is folded into the optimizer kernel (no extra pass).
@@ -90,6 +91,7 @@ def train_step(
     if verdict != "ok":
         optimizer.zero_grad(set_to_none=True)
         update_expert_bias(model, 0.0, reduce_fn=None)  # drop this step's counts, bias unchanged
+        runtime.sync()
         return StepResult(loss_sum / n_micro, aux_sum / n_micro, grad_norm, data_wait, verdict)
     if before_optimizer_step is not None:
         # An async checkpoint must finish staging its copy before the parameters change; waiting
@@ -104,6 +106,9 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     # Once per optimizer step, outside autograd; rate 0 still snapshots the counts for the stats.
     update_expert_bias(model, bias_update_rate, reduce_fn=reduce_counts)
+    # XLA: the optimizer step and the bias update as one graph. On one device optimizer.step() is
+    # what xm.optimizer_step does minus the cross-replica gradient all-reduce.
+    runtime.sync()
     return StepResult(loss_sum / n_micro, aux_sum / n_micro, grad_norm, data_wait, verdict)
 
 
@@ -119,6 +124,7 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
         with runtime.autocast():
             logits_BTV, _ = model(inputs_BT.to(runtime.device))
         total += lm_loss(logits_BTV, targets_BT.to(runtime.device), getattr(model, "blocks_compiled", False))
+        runtime.sync()
     model.train()
     mean = total / max(1, len(batches))
     if distributed:

@@ -50,18 +50,27 @@ class Trainer:
         # nothing but metadata, then init_weights materialises each rank's shards from the seed.
         with torch.device("meta"):
             self.model = Transformer(cfg.model)
-        fsdp_bf16 = self.ctx.world_size > 1 and self.runtime.amp_dtype is not None
-        parallelize(self.model, cfg.parallel, self.ctx, self.runtime.device_type,
-                    param_dtype=self.runtime.amp_dtype if fsdp_bf16 else None,
-                    activation_checkpointing=t.activation_checkpointing, compile=t.compile)
-        self.model.init_weights(t.seed, device=self.runtime.device)
+        self.micro = resolved_micro_batch(cfg, self.ctx.world_size)
+        self.n_micro = t.global_batch_size // (self.ctx.world_size * self.micro)
+        self.engine, self.step_fn = None, train_step  # engine: DeepSpeed's (parallel.engine=deepspeed)
+        if cfg.parallel.engine == "deepspeed":
+            self._build_deepspeed()
+        else:
+            fsdp_bf16 = self.ctx.world_size > 1 and self.runtime.amp_dtype is not None
+            parallelize(self.model, cfg.parallel, self.ctx, self.runtime.device_type,
+                        param_dtype=self.runtime.amp_dtype if fsdp_bf16 else None,
+                        activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+            self.model.init_weights(t.seed, device=self.runtime.init_device)
+            if self.runtime.init_device != self.runtime.device:
+                self.model.to(self.runtime.device)  # XLA: initialised on CPU, then moved (train/xla.py)
+            self.optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
+            meshes = getattr(self.model, "meshes", None)
+            self.reduce_counts = (make_count_reducer(meshes.dp_group) if meshes is not None and self.ctx.distributed
+                                  else None)
         # When this rank reaches the model (and so FSDP's first all-gather) in a step: the straggler
         # detector's measure of how late it arrives (prepend: before FSDP's own pre-forward hook).
         self._fwd_enter = None
         self.model.register_forward_pre_hook(self._mark_forward, prepend=True)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
-        meshes = getattr(self.model, "meshes", None)
-        self.reduce_counts = make_count_reducer(meshes.dp_group) if meshes is not None and self.ctx.distributed else None
         self.ckpt = CheckpointManager(cfg.checkpoint, self._ckpt_base(), self.run_name, rank=self.ctx.rank,
                                       world_size=self.ctx.world_size, process_group=self.ctx.control_group)
         from health.imds import ImdsClient
@@ -73,14 +82,39 @@ class Trainer:
         self.acct = RunAccounting(self.cluster, cfg.cost, self.run_dir, self.start_time, rank=self.ctx.rank)
         self.cost = self.acct.meter
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
-        self.micro = resolved_micro_batch(cfg, self.ctx.world_size)
-        self.n_micro = t.global_batch_size // (self.ctx.world_size * self.micro)
+
+    def _build_deepspeed(self) -> None:
+        """ZeRO around our model and optimizer: the full model is materialised from the seed on every
+        rank (as FSDP2's would be), then DeepSpeed partitions it (docs/backends.md)."""
+        from parallelism.deepspeed_engine import deepspeed_config, initialize
+        from parallelism.expert_parallel import make_count_reducer
+        from parallelism.parallelize import apply_activation_checkpointing
+        from train.deepspeed_step import deepspeed_train_step
+
+        cfg, t = self.cfg, self.cfg.trainer
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        self.model.init_weights(t.seed, device=self.runtime.device)
+        optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
+        config = deepspeed_config(cfg.parallel.deepspeed, global_batch_size=t.global_batch_size,
+                                  micro_batch_size=self.micro, grad_accum=self.n_micro, grad_clip=t.grad_clip,
+                                  bf16=self.runtime.amp_dtype == torch.bfloat16)
+        self.engine, self.optimizer = initialize(self.model, optimizer, config, self.runtime.device_type,
+                                                 cfg.parallel.backend, self.ctx.local_rank)
+        self.model = self.engine.module  # hooks, routing stats, evaluation: our Transformer
+        self.step_fn = deepspeed_train_step
+        # Every rank is data-parallel: expert-load counts are summed over the whole world.
+        self.reduce_counts = make_count_reducer(None) if self.ctx.distributed else None
 
     def _ckpt_base(self) -> str:
         # <checkpoint.root>/<run_name>/step_N; root defaults to the parent of the run directory.
         return self.cfg.checkpoint.root or os.path.dirname(os.path.abspath(self.run_dir))
 
-    def _state(self) -> dict:
+    def _state(self):
+        if self.engine is not None:  # DeepSpeed's own files, inside our step directory
+            from checkpointing.engine_state import DeepSpeedState
+
+            return DeepSpeedState(self.engine, self.ctx.rank, self.ctx.world_size)
         from checkpointing.state import AppState
 
         return {"app": AppState(self.model, self.optimizer)}
@@ -183,19 +217,23 @@ class Trainer:
             self._fwd_enter = None
             _inject_delay(cfg.health, self.ctx.rank, self.step + 1)
             with self.hr.grace(FIRST_STEP_GRACE_S if first else 0.0):
-                result = train_step(self.model, self.optimizer, iter(batches), self.n_micro, self.runtime,
-                                    t.grad_clip, cfg.model.moe.bias_update_rate, self.reduce_counts,
-                                    before_optimizer_step=self.ckpt.wait, guard=self.hr.nan_guard.check,
-                                    poison=(self.step + 1) in inject)
+                result = self.step_fn(self.model if self.engine is None else self.engine, self.optimizer,
+                                      iter(batches), self.n_micro, self.runtime,
+                                      t.grad_clip, cfg.model.moe.bias_update_rate, self.reduce_counts,
+                                      before_optimizer_step=self.ckpt.wait, guard=self.hr.nan_guard.check,
+                                      poison=(self.step + 1) in inject)
             first = False
             step_s = time.perf_counter() - t_step
             if result.verdict == "rollback":
                 self._rollback()
                 continue
             if result.verdict == "stop":
+                g = self.hr.nan_guard
+                why = (f"health.nan_on_exhausted={g.on_exhausted}" if g.on_exhausted == "stop" else
+                       f"still non-finite after {g.rollbacks} rollbacks, health.nan_max_rollbacks={g.max_rollbacks}")
                 log.error("non-finite loss or gradients at step %d, %d times in a row (health.nan_max_skips="
-                          "%d, health.nan_on_exhausted=stop): stopping without a checkpoint", self.step + 1,
-                          self.hr.nan_guard.consecutive, cfg.health.nan_max_skips)
+                          "%d; %s): stopping without a checkpoint", self.step + 1, g.consecutive,
+                          cfg.health.nan_max_skips, why)
                 return EXIT_CRASH, "non-finite training state"
             if result.verdict == "skip":
                 log.warning("step %d: non-finite loss or gradient norm, update skipped (%d in a row, at most "
@@ -330,15 +368,18 @@ class Trainer:
         tp = throughput(tokens=steps * tokens_per_step, seconds=elapsed, n_devices=self.ctx.world_size,
                         flops_per_token=self.flops_per_token, device=self.runtime.device,
                         peak_override_tflops=cfg.cluster.peak_tflops_override,
+                        peak_flops=self.runtime.peak_flops(cfg.cluster),  # None: from the device
                         remaining_steps=t.max_steps - self.step, seconds_per_step=elapsed / max(1, steps))
         m = {"step": self.step, "loss": loss_t.item(), "lr": self._lr(self.step - 1), **tp,
-             "mem_gib": _memory_gib(self.runtime.device), "data_wait": window["data_wait"] / max(elapsed, 1e-9),
+             "mem_gib": _memory_gib(self.runtime), "data_wait": window["data_wait"] / max(elapsed, 1e-9),
              "grad_norm": result.grad_norm.item(), "aux_loss": result.aux_loss.item(),
              "tokens": tokens, "max_steps": t.max_steps, "skipped_steps": self.hr.nan_guard.total_skipped}
         m.update(self.acct.metrics(tokens))
         m.update(self.hr.metrics())
         if val_loss is not None:
             m["val_loss"] = val_loss
+        if self.runtime.xla is not None:  # graphs compiled so far: growing every step = recompiling
+            m["xla_compiles"] = self.runtime.xla.compilations()
         if cfg.model.moe.n_experts:
             m.update(routing_stats(self.model))
         self.metrics.log(self.step, m)
@@ -356,9 +397,13 @@ def _inject_delay(h, rank: int, step: int) -> None:
             time.sleep(3600)
 
 
-def _memory_gib(device: torch.device) -> float:
+def _memory_gib(runtime) -> float:
+    device = runtime.device
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    xla_gib = runtime.xla.memory_gib() if runtime.xla is not None else None  # Neuron reports it; XLA:CPU not
+    if xla_gib is not None:
+        return xla_gib
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -15,8 +15,9 @@ from train.data.config import validate_data_config
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "neuron", "xla")
 ASYNC_MODES = ("off", "thread", "process")
+ENGINES = ("fsdp2", "deepspeed")
 
 
 def _fail(msg: str) -> None:
@@ -58,6 +59,10 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(f"trainer.precision={t.precision!r} must be one of {PRECISIONS}")
     if t.device not in DEVICES:
         _fail(f"trainer.device={t.device!r} must be one of {DEVICES}")
+    from train.neuron_env import xla_config_errors
+
+    for error in xla_config_errors(cfg, world_size):  # trainer.device=neuron|xla only
+        _fail(error)
     if t.grad_clip < 0:
         _fail(f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     dp = dp_size(cfg, world_size)
@@ -105,8 +110,10 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(f"cluster.nodes={cfg.cluster.nodes} must be >= 1")
     if p.timeout_s <= 0:
         _fail(f"parallel.timeout_s={p.timeout_s} must be > 0")
-    if p.engine != "fsdp2":
-        _fail(f"parallel.engine={p.engine!r}: only fsdp2 is available in this build")
+    if p.engine not in ENGINES:
+        _fail(f"parallel.engine={p.engine!r} must be one of {ENGINES}")
+    if p.engine == "deepspeed":
+        _validate_deepspeed(cfg, world_size)
     if p.backend not in ("auto", "nccl", "gloo"):
         _fail(f"parallel.backend={p.backend!r} must be auto, nccl or gloo")
     if p.dp_replicate < 1:
@@ -119,3 +126,19 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(f"parallel.ep={p.ep} must divide parallel.dp_shard={shard}")
     if p.ep > 1 and (cfg.model.moe.n_experts == 0 or cfg.model.moe.n_experts % p.ep != 0):
         _fail(f"parallel.ep={p.ep} must divide model.moe.n_experts={cfg.model.moe.n_experts}")
+
+
+def _validate_deepspeed(cfg: TrainConfig, world_size: int) -> None:
+    import importlib.util
+
+    from parallelism.deepspeed_engine import INSTALL_HINT, deepspeed_errors
+
+    p, c = cfg.parallel, cfg.checkpoint
+    for error in deepspeed_errors(p.deepspeed, engine=p.engine, world_size=world_size,
+                                  dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, ep=p.ep,
+                                  compile=cfg.trainer.compile, async_mode=c.async_mode,
+                                  checkpoint_root=c.root, upload_root=c.upload_root,
+                                  device=cfg.trainer.device):
+        _fail(error)
+    if importlib.util.find_spec("deepspeed") is None:
+        _fail(f"parallel.engine=deepspeed needs DeepSpeed, which is not installed: {INSTALL_HINT}")
