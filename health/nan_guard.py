@@ -6,7 +6,9 @@ Verdicts of ``check``:
     ok        finite: apply the optimizer step
     skip      non-finite: zero the grads and do not step (the data cursor still advances)
     rollback  more than ``max_skips`` consecutive non-finite steps: reload the last committed checkpoint
-    stop      same, with on_exhausted="stop": save nothing, exit 1
+    stop      same, with on_exhausted="stop", or once ``max_rollbacks`` rollbacks of this process
+              have not cured it: save nothing, exit 1 (a divergence that survives rollbacks needs
+              a person, not an endless reload loop)
 All ranks must agree (the grad norm is global after clipping; the loss should be all-reduced, or
 the verdict combined with an all-reduce MAX before acting).
 """
@@ -29,13 +31,19 @@ def _finite(x) -> bool:
 
 
 class NonFiniteGuard:
-    def __init__(self, max_skips: int = 3, on_exhausted: str = "rollback"):
+    def __init__(self, max_skips: int = 3, on_exhausted: str = "rollback", max_rollbacks: int = 3):
         if on_exhausted not in ("rollback", "stop"):
             raise ValueError(f"health.nan_on_exhausted={on_exhausted!r} must be 'rollback' or 'stop'")
         if max_skips < 0:
             raise ValueError(f"health.nan_max_skips={max_skips} must be >= 0")
+        if max_rollbacks < 0:
+            raise ValueError(f"health.nan_max_rollbacks={max_rollbacks} must be >= 0")
         self.max_skips = max_skips
         self.on_exhausted = on_exhausted
+        self.max_rollbacks = max_rollbacks
+        # Rollbacks by this process. Not in state_dict: a rollback reloads the guard's state from
+        # the checkpoint, and this count must survive that.
+        self.rollbacks = 0
         self.consecutive = 0
         self.total_skipped = 0
 
@@ -47,6 +55,10 @@ class NonFiniteGuard:
         if self.consecutive <= self.max_skips:
             self.total_skipped += 1
             return "skip"
+        if self.on_exhausted == "rollback":
+            if self.rollbacks >= self.max_rollbacks:
+                return "stop"
+            self.rollbacks += 1
         return self.on_exhausted
 
     def reset(self) -> None:

@@ -56,7 +56,8 @@ class HealthRuntime:
         self.group = group  # the gloo control group for the small collectives
         self.host = host or socket.gethostname()
         self.flags = StopFlags()
-        self.nan_guard = NonFiniteGuard(int(_get(cfg, "nan_max_skips", 3)), str(_get(cfg, "nan_on_exhausted", "rollback")))
+        self.nan_guard = NonFiniteGuard(int(_get(cfg, "nan_max_skips", 3)), str(_get(cfg, "nan_on_exhausted", "rollback")),
+                                        int(_get(cfg, "nan_max_rollbacks", 3)))
         self._probe = probe  # None: open NVML on local rank 0 at start()
         self._install_signals = install_signals
         self.signals = self.imds = self.monitor = self.watchdog = self.straggler = None

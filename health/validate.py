@@ -21,6 +21,8 @@ def health_errors(h) -> list[str]:
         errs.append(f"health.imds_timeout_s={g('imds_timeout_s')} is too long: start-up waits for it off EC2; use <= 5")
     if (g("nan_max_skips") or 0) < 0:
         errs.append(f"health.nan_max_skips={g('nan_max_skips')} must be >= 0")
+    if (g("nan_max_rollbacks") or 0) < 0:
+        errs.append(f"health.nan_max_rollbacks={g('nan_max_rollbacks')} must be >= 0 (0: stop instead of rolling back)")
     k, m = g("straggler_min_slow", 3), g("straggler_windows", 5)
     if (g("straggler_every") or 0) > 0 and not 1 <= k <= m:
         errs.append(f"health.straggler_min_slow={k} must be between 1 and health.straggler_windows={m}")

@@ -44,3 +44,19 @@ def test_state_is_finite_checks_params_and_optimizer_state():
     with torch.no_grad():
         model[0].bias[1] = float("inf")
     assert first_non_finite(model, opt) == "parameter 0.bias"
+
+
+def test_rollbacks_are_bounded_per_process():
+    """A divergence that survives rollbacks stops instead of reloading forever; the count survives
+    the guard state a rollback reloads from the checkpoint."""
+    g = NonFiniteGuard(max_skips=0, on_exhausted="rollback", max_rollbacks=2)
+    saved = g.state_dict()
+    verdicts = []
+    for _ in range(3):
+        verdicts.append(g.check(math.nan))
+        g.load_state_dict(saved)  # what the trainer's rollback does
+        g.reset()
+    assert verdicts == ["rollback", "rollback", "stop"]
+    assert NonFiniteGuard(max_skips=0, max_rollbacks=0).check(math.nan) == "stop"
+    with pytest.raises(ValueError, match="health.nan_max_rollbacks"):
+        NonFiniteGuard(max_rollbacks=-1)

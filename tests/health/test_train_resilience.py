@@ -232,6 +232,19 @@ def test_nan_exhausted_stop_exits_1(tmp_path):
     _all_checkpoints_finite(run_dir)
 
 
+def test_nan_rollbacks_are_bounded(tmp_path):
+    """A fault that recurs after every rollback (the injection is tied to the step number, which a
+    rollback rewinds) stops after health.nan_max_rollbacks rollbacks instead of looping forever."""
+    run_dir = tmp_path / "b"
+    rc, out = run(train_cmd(*NAN, f"output_dir={tmp_path}", "run_name=b", "health.fault_inject_nan_steps=[6]",
+                            "health.nan_max_skips=0", "health.nan_max_rollbacks=2"), tmp_path / "b.out", timeout=90)
+    assert rc == 1, out[-4000:]
+    assert out.count("step 6: non-finite 1 times in a row; rolled back") == 2, out[-4000:]
+    assert "still non-finite after 2 rollbacks, health.nan_max_rollbacks=2): stopping without a checkpoint" in out
+    assert exit_code(run_dir, rc)[0] == 1
+    _all_checkpoints_finite(run_dir)
+
+
 # ---------------------------------------------------------------------------------------- budget
 def test_budget_runs_out_mid_run_exit_77_after_commit_and_stays_out(tmp_path):
     # $1 per second of the attempt (start-up included, ~3 s); the steps are slowed to ~0.1 s so the
