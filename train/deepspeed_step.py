@@ -4,14 +4,13 @@ clipping and update."""
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Iterator
 
 import torch
 
 from moe.balance import update_expert_bias
 from train.build import Runtime
-from train.step import StepResult, lm_loss
+from train.step import StepResult, lm_loss, next_micro_batch
 
 
 def deepspeed_train_step(
@@ -38,11 +37,8 @@ def deepspeed_train_step(
     aux_sum = torch.zeros((), device=runtime.device)
     data_wait = 0.0
     for i in range(n_micro):
-        t0 = time.perf_counter()
-        inputs_BT, targets_BT = next(micro_batches)
-        inputs_BT = inputs_BT.to(runtime.device, non_blocking=True)
-        targets_BT = targets_BT.to(runtime.device, non_blocking=True)
-        data_wait += time.perf_counter() - t0
+        inputs_BT, targets_BT, wait_s = next_micro_batch(micro_batches, runtime)
+        data_wait += wait_s
         logits_BTV, aux = engine(inputs_BT)
         loss = lm_loss(logits_BTV, targets_BT)
         if poison:  # fault injection (health.fault_inject_nan_steps): drills of the NaN guard

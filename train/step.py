@@ -42,6 +42,16 @@ def lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, compiled: bool =
     return _compiled_lm_loss(logits_BTV, targets_BT)
 
 
+def next_micro_batch(micro_batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                     runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The next (inputs, targets) on the device, and the seconds spent waiting for them."""
+    t0 = time.perf_counter()
+    inputs_BT, targets_BT = next(micro_batches)
+    inputs_BT = inputs_BT.to(runtime.device, non_blocking=True)
+    targets_BT = targets_BT.to(runtime.device, non_blocking=True)
+    return inputs_BT, targets_BT, time.perf_counter() - t0
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -61,11 +71,8 @@ def train_step(
     aux_sum = torch.zeros((), device=runtime.device)
     data_wait = 0.0
     for _ in range(n_micro):
-        t0 = time.perf_counter()
-        inputs_BT, targets_BT = next(micro_batches)
-        inputs_BT = inputs_BT.to(runtime.device, non_blocking=True)
-        targets_BT = targets_BT.to(runtime.device, non_blocking=True)
-        data_wait += time.perf_counter() - t0
+        inputs_BT, targets_BT, wait_s = next_micro_batch(micro_batches, runtime)
+        data_wait += wait_s
         with runtime.autocast():
             logits_BTV, aux = model(inputs_BT)
         loss = lm_loss(logits_BTV, targets_BT, compiled)
