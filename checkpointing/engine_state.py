@@ -20,6 +20,7 @@ Nothing here imports DeepSpeed: the engine object is used through ``save_checkpo
 
 from __future__ import annotations
 
+import abc
 import os
 import re
 from typing import Any, Dict, List, Mapping
@@ -30,18 +31,18 @@ from checkpointing.storage import Storage
 OUR_FILES = (layout.META_FILE, layout.TRAINER_STATE_FILE, layout.COMMIT_MARKER)
 
 
-class EngineState:
+class EngineState(abc.ABC):
     """Handed to ``CheckpointManager.save``/``load`` instead of a dict of Stateful objects."""
 
     format = "engine"
 
+    @abc.abstractmethod
     def save(self, step_dir: str) -> None:
         """Collective: every rank writes its files under ``step_dir`` (a local path) and fsyncs them."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load(self, step_dir: str, meta: Mapping[str, Any]) -> None:
         """Collective: read the files back into the engine. ``meta`` is the step's meta.json."""
-        raise NotImplementedError
 
     def expected_files(self, world_size: int) -> List[str]:
         """Relative paths that must exist after a save at ``world_size`` ranks."""

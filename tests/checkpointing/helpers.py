@@ -21,6 +21,7 @@ class Cfg:
     keep_every: int = 0
     resume: str = "auto"
     async_mode: str = "off"
+    staging: str = "host"
     save_final: bool = True
     storage_options: Dict[str, Any] = field(default_factory=dict)
     on_save_error: str = "stop"

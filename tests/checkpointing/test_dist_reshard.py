@@ -83,8 +83,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         # stays free for training collectives while the write runs); process mode's daemon
         # processes build their own group from it
         ckpt_pg = dist.new_group(backend="gloo")
-        for mode in ("thread", "process"):
-            amgr = CheckpointManager(Cfg(async_mode=mode, keep_last=2), out_dir, f"async_{mode}",
+        for name, mode, staging in (("thread", "thread", "host"), ("process", "process", "host"),
+                                    ("thread_device", "thread", "device")):
+            amgr = CheckpointManager(Cfg(async_mode=mode, keep_last=2, staging=staging), out_dir, f"async_{name}",
                                      rank=rank, world_size=WORLD, process_group=ckpt_pg)
             assert amgr._async_mode == mode  # no fallback with a process group
             for step in (3, 4, 5):
@@ -99,7 +100,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             if rank == 0:
                 assert amgr.committed_steps() == [4, 5]
                 assert amgr.last_save_stats()["ckpt_ok"] == 1
-                torch.save(ref, f"{out_dir}/ref_async_{mode}.pt")
+                torch.save(ref, f"{out_dir}/ref_async_{name}.pt")
             dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -126,7 +127,7 @@ def test_gloo_two_ranks_reshard_and_async(tmp_path):
             p.join()
     assert [p.exitcode for p in procs] == [0] * WORLD
 
-    for run, step in (("run", 2), ("async_thread", 5), ("async_process", 5)):
+    for run, step in (("run", 2), ("async_thread", 5), ("async_process", 5), ("async_thread_device", 5)):
         ref = torch.load(tmp_path / f"ref_{run}.pt", weights_only=True)
         model, opt = make(seed=123)
         meta = CheckpointManager(Cfg(), str(tmp_path), run).load_latest(_state(model, opt))
