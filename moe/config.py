@@ -80,5 +80,5 @@ def validate_moe_config(m: MoEConfig, prefix: str = "moe") -> None:
             _fail(f"{prefix}.{key}={getattr(m, key)} must be >= 0")
     if m.drop_policy not in DROP_POLICIES:
         _fail(f"{prefix}.drop_policy={m.drop_policy!r} must be one of {DROP_POLICIES}")
-    if m.experts_impl not in ("auto", "grouped_mm", "loop"):
-        _fail(f"{prefix}.experts_impl={m.experts_impl!r} must be one of auto, grouped_mm, loop")
+    if m.experts_impl not in ("auto", "grouped_mm", "loop", "padded"):
+        _fail(f"{prefix}.experts_impl={m.experts_impl!r} must be one of auto, grouped_mm, loop, padded")

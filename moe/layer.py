@@ -60,7 +60,8 @@ class MoELayer(nn.Module):
         self.d_model = d_model
         self.n_experts = cfg.n_experts
         self.router = Router(d_model, cfg)
-        self.experts = GroupedExperts(cfg.n_experts, d_model, cfg.expert_dim, impl=cfg.experts_impl)
+        self.experts = GroupedExperts(cfg.n_experts, d_model, cfg.expert_dim, impl=cfg.experts_impl,
+                                      capacity_factor=cfg.capacity_factor)
         self.shared: Optional[SwiGLU] = (
             SwiGLU(d_model, cfg.n_shared_experts * cfg.expert_dim) if cfg.n_shared_experts > 0 else None
         )
