@@ -200,7 +200,8 @@ class DeviceSnapshotStager:
         return host
 
     def synchronize_staging(self) -> None:
-        pass
+        """Nothing to wait for: ``stage`` returns after the device snapshot is complete, and the host
+        copy is the upload's business (DCP waits on the future ``stage`` returned)."""
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

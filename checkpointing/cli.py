@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from checkpointing import _dcp, commit, layout
 from checkpointing.engine_state import check_files
+from checkpointing.filecheck import check_listed_files
 from checkpointing.storage import Storage
 
 
@@ -110,23 +111,7 @@ def verify_step(st: Storage, d: str) -> List[str]:
     for info in md.storage_data.values():
         rel = info.relative_path
         need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
-    for rel, nbytes in sorted(need.items()):
-        url = layout.join(d, rel)
-        try:
-            size = st.size(url)
-        except FileNotFoundError:
-            problems.append(f"{rel}: missing (listed in {layout.DCP_METADATA_FILE})")
-            continue
-        if size < nbytes:
-            problems.append(f"{rel}: {size} bytes, {layout.DCP_METADATA_FILE} needs {nbytes}")
-            continue
-        try:
-            with st.fs.open(st._p(url), "rb") as f:
-                while f.read(1 << 24):
-                    pass
-        except Exception as e:  # noqa: BLE001
-            problems.append(f"{rel}: unreadable: {type(e).__name__}: {e}")
-    return problems
+    return problems + check_listed_files(st, d, need, layout.DCP_METADATA_FILE, exact=False, read=True)
 
 
 def cmd_verify(path: str, st: Storage) -> int:

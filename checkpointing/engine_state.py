@@ -26,6 +26,7 @@ import re
 from typing import Any, Dict, List, Mapping
 
 from checkpointing import layout
+from checkpointing.filecheck import check_listed_files
 from checkpointing.storage import Storage
 
 OUR_FILES = (layout.META_FILE, layout.TRAINER_STATE_FILE, layout.COMMIT_MARKER)
@@ -76,28 +77,10 @@ def listing(step_dir: str) -> Dict[str, int]:
 def check_files(st: Storage, step_dir: str, engine_meta: Mapping[str, Any], read: bool = False) -> List[str]:
     """Problems with an engine checkpoint's files against meta.json's listing ([] = good):
     missing, another size, or (``read``) unreadable to the end."""
-    problems = []
     files = engine_meta.get("files")
     if not isinstance(files, Mapping) or not files:
         return [f"{layout.META_FILE}: engine entry lists no files"]
-    for rel, nbytes in sorted(files.items()):
-        url = layout.join(step_dir, rel)
-        try:
-            size = st.size(url)
-        except FileNotFoundError:
-            problems.append(f"{rel}: missing (listed in {layout.META_FILE})")
-            continue
-        if size != int(nbytes):
-            problems.append(f"{rel}: {size} bytes, {layout.META_FILE} lists {nbytes}")
-            continue
-        if read:
-            try:
-                with st.fs.open(st._p(url), "rb") as f:
-                    while f.read(1 << 24):
-                        pass
-            except Exception as e:  # noqa: BLE001
-                problems.append(f"{rel}: unreadable: {type(e).__name__}: {e}")
-    return problems
+    return check_listed_files(st, step_dir, files, layout.META_FILE, exact=True, read=read)
 
 
 def _fsync(path: str) -> None:

@@ -123,7 +123,7 @@ class XlaRuntime:
 
             out["torch_neuronx"] = getattr(torch_neuronx, "__version__", None)
         except ImportError:
-            pass
+            out["torch_neuronx"] = None  # torch-xla alone (trainer.device=xla)
         return out
 
 

@@ -14,7 +14,7 @@ import torch
 
 from tests.train.runner import REPO
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="the peer is transformers, in the test extra")
 
 MODELS = ["llama_1b", "dsv3_mini", "gemma3_swa_1b"]
 RUN = ["ours", "peer"] if not torch.cuda.is_available() else ["ours", "ours_compiled", "peer", "peer_compiled"]

@@ -11,7 +11,7 @@ from bench.common import preset
 from bench.ours import model_config
 from bench.peer import PeerConfigError, gemma3_text_config, peer_architecture
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="the peer is transformers, in the test extra")
 
 
 @pytest.mark.parametrize("name,arch", [("llama_1b", "llama"), ("dsv3_mini", "deepseek_v3")])

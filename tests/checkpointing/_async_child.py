@@ -3,7 +3,6 @@ group of its own, set up from ours), three consecutive async saves, each checked
 
 import datetime
 import json
-import socket
 import sys
 
 import torch
@@ -11,16 +10,11 @@ import torch.distributed as dist
 
 from checkpointing import CheckpointManager
 from tests.checkpointing.helpers import Cfg, make, state_of, train_steps
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.netutil import free_port
 
 
 def main(out_dir: str, mode: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))
     model, opt = make()
     mgr = CheckpointManager(Cfg(async_mode=mode, keep_last=2), out_dir, "run")

@@ -10,23 +10,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from tests.netutil import free_port  # re-exported for the dist tests
 from tests.train.runner import FAST, REPO, env, last_per_step, read_jsonl
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # Short process-group timeout: a broken collective fails a test in a minute, not ten.
 DIST = ["parallel.timeout_s=60"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_cmd(nproc: int, *overrides: str, signals: str | None = None) -> list[str]:

@@ -7,21 +7,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import time
 
 import torch.multiprocessing as mp
 
+from tests.netutil import free_port
+
 WORLD = 3
 SLOW_RANK = 2
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -60,7 +53,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_straggler_named_and_stop_agreed_over_gloo(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn", join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     for r, res in enumerate(results):
         assert res["named"][0] is None  # one slow window names nobody (k=2)

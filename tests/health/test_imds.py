@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -13,6 +12,7 @@ import pytest
 from health.flags import EXIT_PREEMPTED, StopFlags
 from health.imds import SPOT_ACTION_PATH, TOKEN_PATH, ImdsClient, PreemptionWatcher, parse_notice_time
 from tests.health.imds_server import ImdsServer
+from tests.netutil import free_port
 
 NOPROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -21,14 +21,6 @@ NOPROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def srv():
     with ImdsServer(instance_type="p5.48xlarge", life_cycle="spot") as s:
         yield s
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_server_speaks_imdsv2(srv):
@@ -67,7 +59,7 @@ def test_client_refreshes_a_revoked_token(srv):
 
 
 def test_off_ec2_is_quiet_and_fast():
-    c = ImdsClient(f"http://127.0.0.1:{_free_port()}", timeout_s=0.5)
+    c = ImdsClient(f"http://127.0.0.1:{free_port()}", timeout_s=0.5)
     t0 = time.monotonic()
     assert not c.available()
     assert c.spot_instance_action() is None and c.instance_type() is None

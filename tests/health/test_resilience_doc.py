@@ -6,12 +6,13 @@ import dataclasses
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.netutil import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = (REPO / "docs" / "resilience.md").read_text()
@@ -20,14 +21,6 @@ COMMANDS = list(dict.fromkeys(re.findall(r"`((?:python|torchrun) [^`]*-m health[
 
 def _env():
     return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", AWS_EC2_METADATA_DISABLED="true")
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_doc_lists_its_commands():
@@ -42,7 +35,7 @@ def test_doc_command_runs(cmd):
         i = args.index("--nproc-per-node")
         args[i + 1] = "2"
         args = [sys.executable, "-m", "torch.distributed.run", "--master-addr", "127.0.0.1",
-                "--master-port", str(_free_port()), *args[1:]]
+                "--master-port", str(free_port()), *args[1:]]
     else:
         args = [sys.executable, *args[1:]]
     p = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
