@@ -123,3 +123,11 @@ def index_select_1d(x_N: torch.Tensor, index_M: torch.Tensor) -> torch.Tensor:
     if x_N.device.type == "xla":
         return torch.gather(x_N, 0, index_M)
     return x_N.index_select(0, index_M)
+
+
+def index_select_rows(x_ND: torch.Tensor, index_M: torch.Tensor) -> torch.Tensor:
+    """``x_ND.index_select(0, index_M)`` for a 2-D ``x_ND``; the same torch-xla 2.9 abort as
+    ``index_select_1d`` (an index still pending from a sort), the same ``gather`` way round."""
+    if x_ND.device.type == "xla":
+        return torch.gather(x_ND, 0, index_M.unsqueeze(-1).expand(-1, x_ND.shape[-1]))
+    return x_ND.index_select(0, index_M)
