@@ -22,7 +22,7 @@ from typing import Any, Protocol, Tuple, runtime_checkable
 
 import torch
 
-from model.torch_compat import index_select_rows
+from moe.rows import assignment_rows, gather_token_rows, inverse_assignments, weighted_k_sum
 
 __all__ = ["TokenDispatcher", "LocalDispatcher", "LocalDispatchContext"]
 
@@ -43,56 +43,13 @@ class TokenDispatcher(Protocol):
 class LocalDispatchContext:
     order_N: torch.Tensor  # flat (t*K + k) assignment index of each dispatched row
     inv_N: torch.Tensor    # its inverse: the dispatched row of each assignment (t*K + k)
-    n_tokens: int
-    top_k: int
-
-
-def _accum_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32 for bf16/fp16/fp32 rows, fp64 for fp64 (tests)."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-class _ExpandGather(torch.autograd.Function):
-    """``x_TD[order_N // K]`` whose backward is a gather and a K-way sum, not an atomic index_add.
-
-    ``order_N`` is a permutation of the ``T*K`` assignments, so each token's K gradient rows are
-    found through the inverse permutation and summed (in fp32) without atomics: the bf16
-    ``index_add`` this replaces was 11 ms of a 227 ms ``dsv3_mini`` step on an H100.
-    """
-
-    @staticmethod
-    def forward(ctx, x_TD, order_N, inv_N, top_k: int):
-        ctx.save_for_backward(inv_N)
-        ctx.top_k = top_k
-        return index_select_rows(x_TD, torch.div(order_N, top_k, rounding_mode="floor"))
-
-    @staticmethod
-    def backward(ctx, g_ND):
-        (inv_N,) = ctx.saved_tensors
-        g_TKD = index_select_rows(g_ND, inv_N).view(-1, ctx.top_k, g_ND.shape[-1])
-        return g_TKD.sum(1, dtype=_accum_dtype(g_ND)).to(g_ND.dtype), None, None, None
-
-
-class _PermuteRows(torch.autograd.Function):
-    """``x[index]`` for a permutation ``index``; the backward gathers with ``inverse`` (no atomics)."""
-
-    @staticmethod
-    def forward(ctx, x, index, inverse):
-        ctx.save_for_backward(inverse)
-        return index_select_rows(x, index)
-
-    @staticmethod
-    def backward(ctx, g):
-        (inverse,) = ctx.saved_tensors
-        return index_select_rows(g, inverse), None, None
 
 
 class LocalDispatcher:
     """All experts on this rank: a stable argsort by expert id, a gather; combine gathers back.
 
-    Both directions of both steps are gathers through the sort's permutation and its inverse, and
-    the K-way sums are plain reductions in fp32: no scatter-add atomics (which were the slowest
-    part of the MoE layer's data movement, `docs/PERFORMANCE.md`).
+    Both directions of both steps are gathers through the sort's permutation and its inverse
+    (``moe/rows.py``): no scatter-add atomics.
     """
 
     def dispatch(self, x_TD, topk_ids_TK, n_experts):
@@ -102,17 +59,13 @@ class LocalDispatcher:
         # Dropped ids sort after every expert; stable keeps token order inside each expert.
         key_N = torch.where(valid_N, ids_N, torch.full_like(ids_N, n_experts))
         order_N = torch.argsort(key_N, stable=True)
-        # scatter_, not index_copy_: torch-xla 2.9 aborts on index_copy_ with a pending sort's indices.
-        inv_N = torch.empty_like(order_N).scatter_(0, order_N, torch.arange(order_N.numel(), device=order_N.device))
+        inv_N = inverse_assignments(order_N)
         tokens_per_expert_E = torch.zeros(n_experts, dtype=torch.int64, device=ids_N.device)
         tokens_per_expert_E.scatter_add_(0, key_N.clamp(max=n_experts - 1), valid_N.long())
-        x_ND = _ExpandGather.apply(x_TD, order_N, inv_N, K)
-        return x_ND, tokens_per_expert_E, LocalDispatchContext(order_N, inv_N, T, K)
+        x_ND = gather_token_rows(x_TD, order_N, inv_N, K)
+        return x_ND, tokens_per_expert_E, LocalDispatchContext(order_N, inv_N)
 
     def combine(self, y_ND, topk_weights_TK, ctx: LocalDispatchContext):
         # Each assignment's row (dropped ones: a zero row with weight zero), weighted and summed
         # over K in fp32, cast once at the end.
-        y_TKD = _PermuteRows.apply(y_ND, ctx.inv_N, ctx.order_N).view(ctx.n_tokens, ctx.top_k, y_ND.shape[-1])
-        acc = _accum_dtype(y_ND)
-        out_TD = (y_TKD.to(acc) * topk_weights_TK.to(acc).unsqueeze(-1)).sum(1)
-        return out_TD.to(y_ND.dtype)
+        return weighted_k_sum(assignment_rows(y_ND, ctx.inv_N, ctx.order_N), topk_weights_TK)

@@ -17,6 +17,7 @@ Dispatch, per layer and micro-batch:
    expert for the grouped GEMM.
 
 Combine runs the inverse permutation, the reverse all-to-all, and the weighted K-way sum in fp32.
+Every row movement is a gather in both directions (``moe/rows.py``): no scatter-add atomics.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import nn
 
 from moe.experts import GroupedExperts, compute_dtype
 from moe.layer import MoELayer
+from moe.rows import assignment_rows, gather_token_rows, inverse_assignments, permute_rows, weighted_k_sum
 
 __all__ = ["AllToAllDispatcher", "EPDispatchContext", "ExpertParallelExperts", "apply_expert_parallel",
            "make_count_reducer"]
@@ -46,11 +48,11 @@ def _all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], gr
 @dataclass
 class EPDispatchContext:
     order_S: torch.Tensor  # flat (t*K + k) index of each sent row, in send order
-    token_S: torch.Tensor  # token index of each sent row
-    inv_perm_R: torch.Tensor  # received-row position of each expert-grouped row, inverted
+    inv_N: torch.Tensor  # sent row of each assignment; >= len(order_S) for a dropped one
+    perm_R: torch.Tensor  # received row of each expert-grouped row
+    inv_perm_R: torch.Tensor  # its inverse
     send_splits: List[int]
     recv_splits: List[int]
-    n_tokens: int
 
 
 class AllToAllDispatcher:
@@ -86,28 +88,25 @@ class AllToAllDispatcher:
         n_send, n_recv = sum(send_splits), sum(recv_splits)
 
         order_S = order_N[:n_send]
-        token_S = order_S // K
-        x_recv_RD = _all_to_all(x_TD.index_select(0, token_S), recv_splits, send_splits, self.group)
+        inv_N = inverse_assignments(order_N)  # >= n_send: a dropped assignment, not sent
+        x_recv_RD = _all_to_all(gather_token_rows(x_TD, order_S, inv_N, K), recv_splits, send_splits, self.group)
 
         # Received rows are grouped (source rank, local expert); regroup by local expert, keeping
         # source-rank order inside each expert (stable sort).
         local_id_R = torch.repeat_interleave(torch.arange(L, device=dev).repeat(P), recv_PL.reshape(-1),
                                              output_size=n_recv)
         perm_R = torch.argsort(local_id_R, stable=True)
-        inv_perm_R = torch.empty_like(perm_R)
-        inv_perm_R[perm_R] = torch.arange(n_recv, device=dev)
-        x_ND = x_recv_RD.index_select(0, perm_R)
+        inv_perm_R = inverse_assignments(perm_R)
+        x_ND = permute_rows(x_recv_RD, perm_R, inv_perm_R)
         tokens_per_expert_L = recv_PL.sum(0)
-        return x_ND, tokens_per_expert_L, EPDispatchContext(order_S, token_S, inv_perm_R, send_splits,
-                                                            recv_splits, T)
+        return x_ND, tokens_per_expert_L, EPDispatchContext(order_S, inv_N, perm_R, inv_perm_R, send_splits,
+                                                            recv_splits)
 
     def combine(self, y_ND, topk_weights_TK, ctx: EPDispatchContext):
-        y_recv_RD = y_ND.index_select(0, ctx.inv_perm_R)
+        y_recv_RD = permute_rows(y_ND, ctx.inv_perm_R, ctx.perm_R)
         y_SD = _all_to_all(y_recv_RD, ctx.send_splits, ctx.recv_splits, self.group)
-        w_S = topk_weights_TK.reshape(-1).index_select(0, ctx.order_S)
-        out_TD = y_SD.new_zeros((ctx.n_tokens, y_SD.shape[-1]), dtype=torch.float32)
-        out_TD.index_add_(0, ctx.token_S, y_SD.float() * w_S.float().unsqueeze(-1))
-        return out_TD.to(y_ND.dtype)
+        # Every step a gather both ways (moe/rows.py); the K-way sum in fp32, cast once.
+        return weighted_k_sum(assignment_rows(y_SD, ctx.inv_N, ctx.order_S), topk_weights_TK)
 
 
 class _LocalView:

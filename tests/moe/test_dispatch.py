@@ -79,3 +79,31 @@ def test_dispatch_combine_compiled_matches_eager():
     compiled.sum().backward()
     torch.testing.assert_close(xb.grad, xa.grad)
     torch.testing.assert_close(wb.grad, wa.grad)
+
+
+def test_rows_with_unsent_assignments_gather_both_ways():
+    """The expert-parallel case: only S < N assignments have a row (dropped ones are not sent)."""
+    from moe.rows import assignment_rows, gather_token_rows, inverse_assignments
+
+    g = torch.Generator().manual_seed(3)
+    T, K, D = 7, 3, 4
+    x = torch.randn(T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    order_N = torch.randperm(T * K, generator=g)
+    S = 15  # the last N - S assignments of order_N are "dropped"
+    order_S, inv_N = order_N[:S], inverse_assignments(order_N)
+    assert torch.equal(inv_N[order_N], torch.arange(T * K))
+
+    def roundtrip(a):
+        rows_SD = gather_token_rows(a, order_S, inv_N, K)
+        return assignment_rows(torch.sin(rows_SD), inv_N, order_S)
+
+    out_ND = roundtrip(x)
+    sent = torch.zeros(T * K, dtype=torch.bool)
+    sent[order_S] = True
+    expected = torch.where(sent[:, None], torch.sin(x.repeat_interleave(K, 0)), torch.zeros(()))
+    torch.testing.assert_close(out_ND, expected)
+    assert torch.autograd.gradcheck(roundtrip, (x,))
+    for S0 in (0, T * K):  # nothing sent; everything sent
+        o_S, inv = order_N[:S0], inverse_assignments(order_N)
+        assert torch.autograd.gradcheck(
+            lambda a: assignment_rows(gather_token_rows(a, o_S, inv, K) * 2, inv, o_S), (x,))
