@@ -7,6 +7,9 @@ FlexAttention with its default tiles and with tuned tiles, SDPA on v zero-padded
 SDPA backend (flash, cuDNN, memory-efficient), SDPA unpadded where a backend takes unequal head
 dims -- each checked against an fp32 reference before it is timed.
 
+``cudnn_band`` is cuDNN's kernel through cudnn-frontend's torch op (``attention.backend=cudnn``): the
+one that takes a window; it needs ``nvidia-cudnn-frontend`` installed (an ERROR row otherwise).
+
 SWA (gemma3_swa_1b geometry: 4 query heads, 1 kv head, head dim 256, seq 8192, window 1024): a
 local layer's attention time (fwd+bwd) over a full causal layer's, against the ideal fraction
 2W/S - W^2/S^2.
@@ -77,6 +80,19 @@ def flex_with(options: Optional[dict]) -> Callable:
 
 def varlen_window(q, k, v, window, scale):
     return kernels.attend(q, k, v, window=window, scale=scale, backend="varlen")
+
+
+def cudnn_band(q, k, v, window, scale):
+    return kernels.attend(q, k, v, window=window, scale=scale, backend="cudnn")
+
+
+def kv_repeated(fn: Callable) -> Callable:
+    """``fn`` on k/v copied out to the query heads (GQA/MQA as plain MHA): more parallel work in
+    the backward, whose dK/dV tiles otherwise number batch x kv heads x key tiles."""
+    def wrapped(q, k, v, window, scale):
+        n_rep = q.shape[1] // k.shape[1]
+        return fn(q, kernels._repeat_kv(k, n_rep), kernels._repeat_kv(v, n_rep), window, scale)
+    return wrapped
 
 
 def attend_auto(q, k, v, window, scale):
@@ -172,6 +188,7 @@ def mla_suite(reps: int, small: bool = False, full_variants: bool = True) -> Lis
         variants[f"sdpa_pad192_{b or 'any'}"] = sdpa_padded(b)
     for b in ("cudnn", "efficient"):
         variants[f"sdpa_unpadded_{b}"] = sdpa_plain(b)
+    variants["cudnn_band"] = cudnn_band
     if not torch.cuda.is_available():
         variants = {k: v for k, v in variants.items() if not k.startswith("flex") and "flash" not in k
                     and "cudnn" not in k}
@@ -181,8 +198,12 @@ def mla_suite(reps: int, small: bool = False, full_variants: bool = True) -> Lis
 def swa_suite(reps: int, small: bool = False, full_variants: bool = True) -> List[dict]:
     B, H, h, T, D, W = (1, 4, 1, 256, 64, 32) if small else (1, 4, 1, 8192, 256, 1024)
     full = {"full_attend_auto": attend_auto, "full_varlen": varlen_window, "full_sdpa_flash": sdpa_plain("flash"),
-            "full_sdpa_cudnn": sdpa_plain("cudnn"), "full_flex_default": flex_with(None)}
-    local = {"local_attend_auto": attend_auto, "local_varlen": varlen_window}
+            "full_sdpa_cudnn": sdpa_plain("cudnn"), "full_cudnn_band": cudnn_band,
+            "full_flex_default": flex_with(None)}
+    full["full_cudnn_band_kvrep"] = kv_repeated(cudnn_band)
+    local = {"local_attend_auto": attend_auto, "local_cudnn_band": cudnn_band, "local_varlen": varlen_window,
+             "local_cudnn_band_kvrep": kv_repeated(cudnn_band),
+             "local_flex_m128_n32_w8_s2_kvrep": kv_repeated(flex_with(FLEX_OPTIONS_D256["flex_m128_n32_w8_s2"]))}
     local.update({f"local_{n}": flex_with(o) for n, o in FLEX_OPTIONS_D256.items()
                   if full_variants or n in ("flex_default", "flex_m128_n32_w8_s2")})
     if not torch.cuda.is_available():

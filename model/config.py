@@ -14,7 +14,7 @@ from moe.config import ConfigError, MoEConfig, validate_moe_config
 
 ATTENTION_KINDS = ("gqa", "mla")
 NORM_PLACEMENTS = ("pre", "pre+post")
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "varlen", "eager")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "varlen", "cudnn", "eager")
 
 
 @dataclass

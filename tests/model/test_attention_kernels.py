@@ -161,6 +161,14 @@ def test_attend_rejects_bad_shapes():
         attend(q, torch.zeros(1, 3, 4, 8), torch.zeros(1, 3, 4, 8), window=-1, scale=1.0)
 
 
+def test_cudnn_backend_off_cuda_says_why():
+    """backend=cudnn needs a CUDA tensor (and cudnn-frontend); elsewhere a clear error, no fallback."""
+    q = torch.zeros(1, 2, 4, 8)
+    assert resolve_backend("cudnn", q, q, 2) == "cudnn"
+    with pytest.raises(ValueError, match="backend 'cudnn': it needs a CUDA tensor"):
+        attend(q, q, q, window=2, scale=1.0, backend="cudnn")
+
+
 def test_flex_block_mask_cached():
     a = flex_block_mask(48, 5, torch.device("cpu"))
     assert flex_block_mask(48, 5, torch.device("cpu")) is a
