@@ -31,6 +31,9 @@ def _args(argv):
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--ac", action="store_true", help="activation checkpointing")
+    ap.add_argument("--ac-policy", default="full", choices=("full", "selective"),
+                    help="with --ac: recompute whole blocks, or keep matmul/attention outputs")
+    ap.add_argument("--ac-every", type=int, default=1, help="with --ac: checkpoint every N-th block")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tag", default="")
     ap.add_argument("--profile-top", type=int, default=0, help="print the N ops with the most device time")
@@ -85,7 +88,8 @@ def main(argv=None) -> None:
         pcfg = ParallelConfig(ep=args.ep)
         parallelize(model, pcfg, ctx, runtime.device_type,
                     param_dtype=runtime.amp_dtype if ctx.world_size > 1 else None,
-                    activation_checkpointing=args.ac, compile=args.compile)
+                    activation_checkpointing=args.ac, compile=args.compile, ac_policy=args.ac_policy,
+                    ac_every=args.ac_every)
         model.init_weights(0, device=runtime.device)
         opt = build_optimizer(model, OptimConfig(lr=3e-4), runtime.device_type)
         reduce = make_count_reducer(model.meshes.dp_group) if ctx.distributed else None
@@ -113,7 +117,8 @@ def main(argv=None) -> None:
         peak = matmul_peak_tflops() if ctx.rank == 0 else 0.0
         result = {
             "model": args.model, "seq": args.seq, "batch_per_gpu": args.batch, "world_size": ctx.world_size,
-            "ep": args.ep, "compiled": args.compile, "ac": args.ac, "step_s_median": t, "step_s_all": times,
+            "ep": args.ep, "compiled": args.compile, "ac": args.ac,
+            "ac_policy": args.ac_policy if args.ac else None, "ac_every": args.ac_every if args.ac else None, "step_s_median": t, "step_s_all": times,
             "tok_s_per_gpu": tok_s_gpu, "tflops_per_gpu": tok_s_gpu * fpt / 1e12,
             "mfu_989": tok_s_gpu * fpt / 989e12, "matmul_peak_tflops": peak,
             "mfu_vs_matmul": tok_s_gpu * fpt / (peak * 1e12) if peak else None,

@@ -26,34 +26,78 @@ from torch import nn
 
 from parallelism.mesh import Meshes, build_mesh
 
-__all__ = ["parallelize", "apply_activation_checkpointing", "compile_blocks", "clip_grad_norm",
+__all__ = ["parallelize", "apply_activation_checkpointing", "AC_POLICIES", "compile_blocks", "clip_grad_norm",
            "grad_norm"]
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Full activation checkpointing, one checkpoint per transformer block.
+AC_POLICIES = ("full", "selective")
+
+
+def _saved_ops() -> tuple:
+    """What selective AC keeps from the forward: the outputs of matmuls (dense, batched, grouped)
+    and of the fused attention kernels, the expensive ops; everything else (norms, activations,
+    RoPE, casts, routing) is recomputed in the backward."""
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
+             "_efficient_attention_forward")
+    return tuple(getattr(aten, n) for n in names if hasattr(aten, n))
+
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = set(_saved_ops())
+
+    def policy(ctx, op, *args, **kwargs):
+        # op is an overload (aten.mm.default); the set holds packets (aten.mm).
+        return (CheckpointPolicy.MUST_SAVE if getattr(op, "overloadpacket", op) in saved
+                else CheckpointPolicy.PREFER_RECOMPUTE)
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model: nn.Module, policy: str = "full", every: int = 1) -> None:
+    """Activation checkpointing per transformer block (``trainer.activation_checkpointing``).
+
+    ``policy="full"`` recomputes the whole block in the backward; ``"selective"`` keeps the
+    outputs of its matmuls and attention kernels and recomputes only the cheap ops between them
+    (``_saved_ops``). ``every=N`` checkpoints every N-th block (blocks 0, N, 2N, ...) and leaves
+    the others as they are: a memory/speed dial between none and all.
 
     The block's ``forward`` is replaced (on the instance) by one that runs it under non-reentrant
     ``torch.utils.checkpoint``: parameter names stay as they are (``checkpoint_wrapper`` would
     insert ``._checkpoint_wrapped_module``, which changes ``init_weights``' per-name seeds), FSDP's
     module hooks stay outside the checkpointed region, and torch.compile traces it.
     """
+    if policy not in AC_POLICIES:
+        raise ValueError(f"trainer.ac_policy={policy!r} must be one of {AC_POLICIES}")
+    if every < 1:
+        raise ValueError(f"trainer.ac_every={every} must be >= 1")
     from torch.utils.checkpoint import checkpoint
+
+    extra = {"context_fn": _selective_context} if policy == "selective" else {}
 
     def checkpointed(forward):
         def run(*args, **kwargs):
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
 
         return run
 
-    for block in model.layers.values():
-        if getattr(block, "_moeforge_ac", False):
+    for i, block in enumerate(model.layers.values()):
+        if getattr(block, "_moeforge_ac", False) or i % every:
             continue
         block.forward = checkpointed(block.forward)
         block._moeforge_ac = True
 
 
 def compile_blocks(model: nn.Module) -> None:
+    attention_cfg = getattr(getattr(model, "cfg", None), "attention", None)
+    if getattr(attention_cfg, "backend", None) == "cudnn":
+        from model.attention import cudnn_band
+
+        cudnn_band.preload()  # cudnn-frontend's op, imported before dynamo traces the blocks
     for block in model.layers.values():
         block.compile()  # in place: parameter names (and so checkpoints) do not change
     # train.step compiles the loss too (one fused log-softmax over bf16 logits, no fp32 copy).
@@ -69,7 +113,7 @@ def _n_experts(model: nn.Module) -> Optional[int]:
 def parallelize(model: nn.Module, parallel_cfg: Any, ctx: Any, device_type: str,
                 param_dtype: Optional[torch.dtype] = None, activation_checkpointing: bool = False,
                 compile: bool = False, meshes: Optional[Meshes] = None,
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True, ac_policy: str = "full", ac_every: int = 1) -> nn.Module:
     """Apply EP -> AC -> compile -> FSDP to ``model`` in place and return it.
 
     ``ctx`` is the :class:`parallelism.process_group.DistContext` (only ``world_size`` is read).
@@ -85,7 +129,7 @@ def parallelize(model: nn.Module, parallel_cfg: Any, ctx: Any, device_type: str,
 
         apply_expert_parallel(model, meshes.ep)
     if activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, ac_policy, ac_every)
     if compile:
         compile_blocks(model)
     if world > 1:

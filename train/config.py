@@ -25,6 +25,8 @@ class TrainerConfig:
     seq_len: int = 128
     compile: bool = False  # torch.compile each transformer block
     activation_checkpointing: bool = False
+    ac_policy: str = "full"  # full: recompute each block | selective: keep matmul/attention outputs
+    ac_every: int = 1  # checkpoint every N-th block (1 = all)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | neuron (Trainium, torch-neuronx) | xla (any torch-xla device)
     grad_clip: float = 1.0

@@ -18,7 +18,7 @@ _NAME_EXCLUDES = {
     "run_name", "output_dir", "logging", "cost", "health", "cluster", "checkpoint", "neuron",
 }
 _TRAINER_EXCLUDES = {"max_steps", "log_every", "eval_every", "eval_batches", "compile",
-                     "activation_checkpointing", "micro_batch_size", "device", "detect_anomaly",
+                     "activation_checkpointing", "ac_policy", "ac_every", "micro_batch_size", "device", "detect_anomaly",
                      "early_stop_patience", "early_stop_min_delta"}
 _PARALLEL_EXCLUDES = {"dp_replicate", "dp_shard", "ep", "backend", "timeout_s", "deepspeed"}
 

@@ -59,7 +59,8 @@ class Trainer:
             fsdp_bf16 = self.ctx.world_size > 1 and self.runtime.amp_dtype is not None
             parallelize(self.model, cfg.parallel, self.ctx, self.runtime.device_type,
                         param_dtype=self.runtime.amp_dtype if fsdp_bf16 else None,
-                        activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+                        activation_checkpointing=t.activation_checkpointing, compile=t.compile,
+                        ac_policy=t.ac_policy, ac_every=t.ac_every)
             self.model.init_weights(t.seed, device=self.runtime.init_device)
             if self.runtime.init_device != self.runtime.device:
                 self.model.to(self.runtime.device)  # XLA: initialised on CPU, then moved (train/xla.py)
@@ -93,7 +94,7 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.trainer
         if t.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
+            apply_activation_checkpointing(self.model, t.ac_policy, t.ac_every)
         self.model.init_weights(t.seed, device=self.runtime.device)
         optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
         config = deepspeed_config(cfg.parallel.deepspeed, global_batch_size=t.global_batch_size,

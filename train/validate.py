@@ -55,6 +55,12 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
     if t.seq_len > cfg.model.max_seq_len:
         _fail(f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}: "
               "lower trainer.seq_len or raise model.max_seq_len")
+    from parallelism.parallelize import AC_POLICIES
+
+    if t.ac_policy not in AC_POLICIES:
+        _fail(f"trainer.ac_policy={t.ac_policy!r} must be one of {AC_POLICIES}")
+    if t.ac_every < 1:
+        _fail(f"trainer.ac_every={t.ac_every} must be >= 1 (1 checkpoints every block)")
     if t.precision not in PRECISIONS:
         _fail(f"trainer.precision={t.precision!r} must be one of {PRECISIONS}")
     if t.device not in DEVICES:
