@@ -72,20 +72,6 @@ class _AssignmentRows(torch.autograd.Function):
         return index_select_rows(g_ND, order_S), None, None
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``x[index]`` for a permutation ``index``; backward gathers with ``inverse``."""
-
-    @staticmethod
-    def forward(ctx, x, index, inverse):
-        ctx.save_for_backward(inverse)
-        return index_select_rows(x, index)
-
-    @staticmethod
-    def backward(ctx, g):
-        (inverse,) = ctx.saved_tensors
-        return index_select_rows(g, inverse), None, None
-
-
 def gather_token_rows(x_TD: torch.Tensor, order_S: torch.Tensor, inv_N: torch.Tensor, top_k: int) -> torch.Tensor:
     """Row ``s`` = the token of assignment ``order_S[s]``: ``x_TD[order_S // top_k]``."""
     return _GatherTokenRows.apply(x_TD, order_S, inv_N, top_k)
@@ -98,8 +84,11 @@ def assignment_rows(y_SD: torch.Tensor, inv_N: torch.Tensor, order_S: torch.Tens
 
 
 def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """``x[index]`` for a permutation ``index`` whose inverse is ``inverse``."""
-    return _PermuteRows.apply(x, index, inverse)
+    """``x[index]`` for a permutation ``index`` whose inverse is ``inverse`` (the case S = N of
+    ``assignment_rows``: every row is some assignment's)."""
+    if x.shape[0] != index.numel():
+        raise ValueError(f"permute_rows: {x.shape[0]} rows but an index of {index.numel()}")
+    return _AssignmentRows.apply(x, index, inverse)
 
 
 def weighted_k_sum(y_ND: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:
