@@ -18,6 +18,8 @@ single-process run with the same seed.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Any, Iterable, Optional
 
@@ -33,7 +35,8 @@ __all__ = ["parallelize", "apply_activation_checkpointing", "AC_POLICIES", "comp
 AC_POLICIES = ("full", "selective")
 
 
-def _saved_ops() -> tuple:
+@functools.lru_cache(maxsize=1)
+def _saved_ops() -> frozenset:
     """What selective AC keeps from the forward: the outputs of matmuls (dense, batched, grouped)
     and of the fused attention kernels, the expensive ops; everything else (norms, activations,
     RoPE, casts, routing) is recomputed in the backward."""
@@ -42,13 +45,13 @@ def _saved_ops() -> tuple:
              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
              "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
              "_efficient_attention_forward")
-    return tuple(getattr(aten, n) for n in names if hasattr(aten, n))
+    return frozenset(getattr(aten, n) for n in names if hasattr(aten, n))
 
 
 def _selective_context():
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-    saved = set(_saved_ops())
+    saved = _saved_ops()
 
     def policy(ctx, op, *args, **kwargs):
         # op is an overload (aten.mm.default); the set holds packets (aten.mm).

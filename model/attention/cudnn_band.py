@@ -3,7 +3,7 @@ cudnn-frontend package.
 
 PyTorch's SDPA reaches cuDNN's fused kernel only for full causal attention: it has no window
 argument. cuDNN's kernel itself takes one (``diagonal_band_left_bound``) and skips the key tiles
-outside it. NVIDIA's ``nvidia-cudnn-frontend`` Python package (>= 1.30; our ``cuda`` extra)
+outside it. NVIDIA's ``nvidia-cudnn-frontend`` Python package (>= 1.32, the version checked here; our ``cudnn`` extra)
 registers ``torch.ops.cudnn.sdpa_fwd`` with autograd (its backward is cuDNN's fused backward) and
 a fake kernel, so the op also runs under ``torch.compile``.
 
@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-_INSTALL_HINT = "pip install 'nvidia-cudnn-frontend>=1.30' (moeforge's 'cuda' extra)"
+_INSTALL_HINT = "pip install 'nvidia-cudnn-frontend>=1.32' (moeforge's 'cudnn' extra)"
 _op_state: Optional[str] = None  # "" when the op loaded; otherwise why it did not
 
 
