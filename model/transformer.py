@@ -7,6 +7,7 @@ import zlib
 import torch
 from torch import nn
 
+from model.attention import kernels
 from model.block import TransformerBlock
 from model.config import ModelConfig, layer_is_moe, layer_kinds, layer_windows, validate_model_config
 from model.norms import RMSNorm
@@ -26,6 +27,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(cfg, i, kinds[i], windows[i], moes[i]) for i in range(cfg.n_layers)}
         )
+        self.windows = sorted(set(windows))  # distinct attention windows (0 = full causal)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
@@ -34,6 +36,7 @@ class Transformer(nn.Module):
 
     def forward_hidden(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final-normed hidden states and the summed MoE auxiliary loss."""
+        kernels.prepare(tokens_BT.shape[1], self.windows, tokens_BT.device)  # caches, outside compiled blocks
         x_BTD = self.tok_embeddings(tokens_BT)
         aux = torch.zeros((), device=x_BTD.device, dtype=torch.float32)
         for block in self.layers.values():

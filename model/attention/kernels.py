@@ -40,7 +40,6 @@ BACKENDS = ("auto", "sdpa", "flex", "varlen", "cudnn", "eager")
 
 _BLOCK_MASKS: Dict[Tuple[int, int, str], object] = {}
 _compiled_flex: Optional[Callable] = None
-_sdpa_has_gqa: Optional[bool] = None
 
 
 def _repeat_kv(x_BhTD: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -85,25 +84,11 @@ def _eager(q, k, v, window: int, scale: float, n_rep: int) -> torch.Tensor:
     return torch.matmul(probs_BHTT, v)
 
 
-def _sdpa_supports_gqa() -> bool:
-    global _sdpa_has_gqa
-    if _sdpa_has_gqa is None:
-        try:
-            z = torch.zeros(1, 2, 1, 2)
-            F.scaled_dot_product_attention(z, z[:, :1], z[:, :1], enable_gqa=True)
-            _sdpa_has_gqa = True
-        except TypeError:
-            _sdpa_has_gqa = False
-    return _sdpa_has_gqa
-
-
 def _sdpa(q, k, v, window: int, scale: float, n_rep: int) -> torch.Tensor:
-    kwargs = {}
-    if n_rep > 1:
-        if _sdpa_supports_gqa():
-            kwargs["enable_gqa"] = True
-        else:
-            k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    # enable_gqa: every torch we support has it (>= 2.5). No lazy probe here: a module global set
+    # on first call is a side effect dynamo refuses inside activation checkpointing's region, and
+    # that graph break ran whole checkpointed blocks uncompiled.
+    kwargs = {"enable_gqa": True} if n_rep > 1 else {}
     if window == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **kwargs)
     if q.is_cuda:
@@ -217,6 +202,18 @@ def _varlen(q, k, v, window: int, scale: float, n_rep: int) -> torch.Tensor:
     left = window - 1 if window > 0 else -1
     o_NHE = fn(q_NHD, k_NhD, v_NhE, cu_seq, cu_seq, T, T, scale=scale, window_size=(left, 0), **kwargs)
     return o_NHE.view(B, T, H, v.shape[-1]).transpose(1, 2)
+
+
+def prepare(T: int, windows, device: torch.device) -> None:
+    """Fill the lazy caches (flex block masks for ``T`` tokens and each window, the varlen API)
+    outside any compiled or checkpointed region. Inside activation checkpointing's region dynamo
+    refuses a cache write ("non-nullified side effect"), breaks the graph, and the whole block then
+    runs uncompiled; ``Transformer.forward_hidden`` calls this before its blocks on CUDA."""
+    if torch.compiler.is_compiling() or torch.device(device).type != "cuda":
+        return
+    for window in windows:
+        flex_block_mask(T, window, device)
+    _varlen_fn()
 
 
 def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor, window: int) -> str:
