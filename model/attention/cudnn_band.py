@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from model.torch_compat import cuda_capability
+
 _INSTALL_HINT = "pip install 'nvidia-cudnn-frontend>=1.32' (moeforge's 'cudnn' extra)"
 _op_state: Optional[str] = None  # "" when the op loaded; otherwise why it did not
 
@@ -47,7 +49,7 @@ def unavailable_reason(q: torch.Tensor) -> str:
         return "it needs a CUDA tensor"
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"it needs bf16/fp16 inputs, got {q.dtype}"
-    if torch.cuda.get_device_capability(q.device) < (8, 0):
+    if (cuda_capability(q.device) or (0, 0)) < (8, 0):
         return "it needs an Ampere or newer GPU"
     if _op_state is None and torch.compiler.is_compiling():
         return "cudnn-frontend was not loaded before torch.compile (model.attention.cudnn_band.preload())"

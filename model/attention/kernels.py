@@ -35,11 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from model.attention import cudnn_band
+from model.torch_compat import cuda_capability
 
 BACKENDS = ("auto", "sdpa", "flex", "varlen", "cudnn", "eager")
 
 _BLOCK_MASKS: Dict[Tuple[int, int, str], object] = {}
 _compiled_flex: Optional[Callable] = None
+_cudnn_sdp_on: Optional[bool] = None  # torch.backends.cuda.cudnn_sdp_enabled(), as prepare() last read it
 
 
 def _repeat_kv(x_BhTD: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -209,11 +211,14 @@ def prepare(T: int, windows, device: torch.device) -> None:
     outside any compiled or checkpointed region. Inside activation checkpointing's region dynamo
     refuses a cache write ("non-nullified side effect"), breaks the graph, and the whole block then
     runs uncompiled; ``Transformer.forward_hidden`` calls this before its blocks on CUDA."""
+    global _cudnn_sdp_on
     if torch.compiler.is_compiling() or torch.device(device).type != "cuda":
         return
     for window in windows:
         flex_block_mask(T, window, device)
     _varlen_fn()
+    cuda_capability(device)
+    _cudnn_sdp_on = torch.backends.cuda.cudnn_sdp_enabled()  # read per forward: users may toggle it
 
 
 def resolve_backend(backend: str, q: torch.Tensor, v: torch.Tensor, window: int) -> str:
@@ -236,8 +241,11 @@ def _cudnn_takes_unequal_dims(q: torch.Tensor) -> bool:
     192/128), in bf16/fp16 on Hopper and newer: 295 TFLOP/s fwd+bwd vs FlexAttention's 121 on an
     H100 (docs/PERFORMANCE.md). Elsewhere SDPA would fall back to its slow memory-efficient
     kernel, and FlexAttention is the better choice."""
-    return (q.dtype in (torch.bfloat16, torch.float16) and torch.backends.cuda.cudnn_sdp_enabled()
-            and torch.cuda.get_device_capability(q.device) >= (9, 0))
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    sdp_on = torch.backends.cuda.cudnn_sdp_enabled() if _cudnn_sdp_on is None else _cudnn_sdp_on
+    cap = cuda_capability(q.device)
+    return bool(sdp_on) and cap is not None and cap >= (9, 0)
 
 
 def attend(q_BHTD: torch.Tensor, k_BhTD: torch.Tensor, v_BhTE: torch.Tensor, *, window: int,
