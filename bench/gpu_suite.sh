@@ -43,7 +43,7 @@ for stage in $STAGES; do
     ckpt) timeout 240 env CUDA_VISIBLE_DEVICES=0 python3 -m bench ckpt --model $MOE --modes off,thread,process \
             --saves ${CKPT_SAVES:-2} --out "$OUT" 2>&1 | tail -9;;
     health)
-      timeout 60 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -4
+      timeout 360 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -4  # ~4 min on an H100 (compiles)
       timeout 90 python3 -m health preflight --expected-gpus $NGPU 2>&1 | tail -14 | tee "$OUT/preflight.txt";;
   esac
 done
