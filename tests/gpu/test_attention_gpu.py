@@ -6,8 +6,7 @@ with the fp32 eager reference, forward and gradients. Skipped where there is no 
 from __future__ import annotations
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 pytestmark = pytest.mark.gpu
 
 if not torch.cuda.is_available():

@@ -6,8 +6,7 @@ block uncompiled; before this was fixed, a `dsv3_mini` step with AC ran at eager
 from __future__ import annotations
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 pytestmark = pytest.mark.gpu
 
 if not torch.cuda.is_available():

@@ -10,8 +10,7 @@ import dataclasses
 import time
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 pytestmark = pytest.mark.gpu
 
 if not torch.cuda.is_available():
