@@ -19,7 +19,7 @@ from train.metrics import (
     parse_metric_line,
     redact_secrets,
 )
-from train.throughput import ThroughputWindow, eta_s, mfu, throughput
+from cost.throughput import ThroughputWindow, eta_s, mfu, throughput
 
 FULL = {
     "step": 120, "loss": 3.4512, "lr": 3.0e-4, "tok_s": 18234.0, "tok_s_gpu": 9117.0,

@@ -27,8 +27,8 @@ import os
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
-from train.config import ClusterConfig, CostConfig
-from train.exit_codes import EXIT_BUDGET
+from cost.config import ClusterConfig, CostConfig
+from health.flags import EXIT_BUDGET  # health never imports cost or train
 
 log = logging.getLogger("moeforge")
 
@@ -58,10 +58,6 @@ def usd_per_hour(cluster: ClusterConfig, cost: CostConfig) -> float:
     if cluster.nodes < 1:
         raise ValueError(f"cluster.nodes={cluster.nodes} must be >= 1")
     return price_per_instance_hour(cluster, cost) * cluster.nodes
-
-
-# The name the trainer uses: the whole run's $ per hour (instance price x nodes).
-price_per_hour = usd_per_hour
 
 
 def process_start_time() -> float:
@@ -430,18 +426,6 @@ def alerts_crossed(spent_usd: float, levels: Iterable[float], fired: Iterable[fl
     """Alert levels reached by ``spent_usd`` that have not fired yet, ascending."""
     done = {float(x) for x in fired}
     return sorted(float(x) for x in set(levels) if float(x) not in done and spent_usd >= float(x))
-
-
-def wandb_alert_hook(wandb_run: Any) -> Callable[[str, str], None]:
-    """A callable ``(title, text)`` that raises a W&B alert on ``wandb_run`` (None: no-op)."""
-    def hook(title: str, text: str) -> None:
-        if wandb_run is None:
-            return
-        import wandb
-
-        wandb_run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
-
-    return hook
 
 
 class Budget:

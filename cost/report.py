@@ -1,4 +1,4 @@
-"""`python -m train.report RUN_DIR`: RUN_DIR/report/report.html and its PNGs.
+"""`python -m cost.report RUN_DIR`: RUN_DIR/report/report.html and its PNGs.
 
 Reads what a run leaves behind, every piece optional: ``metrics.jsonl`` (the last row per step
 wins: a resumed run re-logs the steps after its checkpoint), ``heartbeat.json`` (the attempt
@@ -17,11 +17,11 @@ import statistics
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from train.cost import (
+from cost.meter import (
     history_totals, newest_state, read_heartbeat, state_history, usd_per_mtok,
 )
-from train.goodput import summarize
-from train.projection import project, restart_stats, what_if
+from cost.goodput import summarize
+from cost.projection import project, restart_stats, what_if
 
 log = logging.getLogger("moeforge")
 
@@ -257,7 +257,7 @@ def build_report(run_dir: str, out_dir: Optional[str] = None, ckpt_dir: Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m cost.report", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--checkpoint-dir", default=None,
                     help="where the step_* directories are (default: RUN_DIR)")

@@ -1,12 +1,12 @@
-"""Attempt history, gap billing, the heartbeat file and the budget (train/cost.py), by hand."""
+"""Attempt history, gap billing, the heartbeat file and the budget (cost/meter.py), by hand."""
 
 import json
 import logging
 
 import pytest
 
-from train.config import ClusterConfig, CostConfig
-from train.cost import (
+from cost.config import ClusterConfig, CostConfig
+from cost.meter import (
     Budget, CostMeter, Heartbeat, billed_gap_s, budget_refusal_message, interruptions,
     interruptions_per_hour, newest_state, process_start_time, read_heartbeat, should_stop,
     spend_at_next_save,

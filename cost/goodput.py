@@ -27,10 +27,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Optional, Sequence
 
-from train.cost import (
+from cost.meter import (
     Budget, CostMeter, Heartbeat, newest_state, read_heartbeat, spend_at_next_save,
 )
-from train.projection import Projection, budget_warning, project
+from cost.projection import Projection, budget_warning, project
 
 log = logging.getLogger("moeforge")
 
