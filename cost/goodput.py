@@ -27,9 +27,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Optional, Sequence
 
-from cost.meter import (
-    Budget, CostMeter, Heartbeat, newest_state, read_heartbeat, spend_at_next_save,
-)
+from cost.budget import Budget, spend_at_next_save
+from cost.config import ClusterConfig, CostConfig
+from cost.heartbeat import Heartbeat, read_heartbeat
+from cost.meter import CostMeter, newest_state
 from cost.projection import Projection, budget_warning, project
 
 log = logging.getLogger("moeforge")
@@ -198,7 +199,8 @@ class RunAccounting:
     rank may do, but stop decisions should be taken on rank 0 and shared (the loop's all-reduce).
     """
 
-    def __init__(self, cluster: Any, cost_cfg: Any, run_dir: str, start_time: float, *,
+    def __init__(self, cluster: ClusterConfig, cost_cfg: CostConfig, run_dir: str,
+                 start_time: float, *,
                  rank: int = 0, clock: Callable[[], float] = time.time,
                  hooks: Sequence[Callable[[str, str], None]] = ()):
         self.cfg, self.run_dir, self.clock = cost_cfg, run_dir, clock

@@ -17,9 +17,8 @@ import statistics
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from cost.meter import (
-    history_totals, newest_state, read_heartbeat, state_history, usd_per_mtok,
-)
+from cost.heartbeat import read_heartbeat
+from cost.meter import history_totals, newest_state, state_history, usd_per_mtok
 from cost.goodput import summarize
 from cost.projection import project, restart_stats, what_if
 

@@ -8,9 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cost.config import ClusterConfig, CostConfig
-from cost.meter import (
-    CostMeter, price_per_instance_hour, tokens_per_usd, usd_per_hour, usd_per_mtok,
-)
+from cost.meter import CostMeter, price_per_instance_hour, tokens_per_usd, usd_per_hour, usd_per_mtok
 
 CLUSTER_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cluster")
 CATALOG = sorted(f[:-5] for f in os.listdir(CLUSTER_DIR) if f.endswith(".yaml"))

@@ -109,7 +109,7 @@ def test_first_attempt_is_fresh():
 # -- RunAccounting: the loop's calls, on a fake clock ---------------------------------------------
 
 from cost.config import ClusterConfig, CostConfig  # noqa: E402
-from cost.meter import read_heartbeat  # noqa: E402
+from cost.heartbeat import read_heartbeat  # noqa: E402
 from cost.goodput import RunAccounting, next_save_step  # noqa: E402
 
 

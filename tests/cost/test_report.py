@@ -11,8 +11,10 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="the report needs matplotlib: pip install 'moeforge[report]'")
 
-from cost.meter import Budget, CostMeter, Heartbeat  # noqa: E402
+from cost.budget import Budget  # noqa: E402
+from cost.heartbeat import Heartbeat  # noqa: E402
 from cost.goodput import GoodputLedger, resume_accounting  # noqa: E402
+from cost.meter import CostMeter  # noqa: E402
 from cost.report import build_report, compute, last_per_step  # noqa: E402
 from cost.report_plots import PLOTS  # noqa: E402
 
@@ -74,7 +76,7 @@ def _attempt(run_dir, start, first_step, last_step, *, moe, ckpt_at=(), exit_cod
 
 
 def _read_hb(run_dir):
-    from cost.meter import read_heartbeat
+    from cost.heartbeat import read_heartbeat
 
     return read_heartbeat(run_dir)
 
