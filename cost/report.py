@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from cost.heartbeat import read_heartbeat
 from cost.meter import history_totals, newest_state, state_history, usd_per_mtok
-from cost.goodput import summarize
+from cost.goodput import hms, summarize
 from cost.projection import project, restart_stats, what_if
 
 log = logging.getLogger("moeforge")
@@ -156,9 +156,7 @@ def _usd(v: Optional[float]) -> str:
 def _hours(s: Optional[float]) -> str:
     if s is None:
         return "n/a (never finishes)"
-    from train.metrics import format_duration
-
-    return f"{s / 3600:,.2f} h" if s >= 36000 else format_duration(s)
+    return f"{s / 3600:,.2f} h" if s >= 36000 else hms(s)
 
 
 def cost_table(d: Dict[str, Any]) -> List[Tuple[str, str]]:
@@ -236,7 +234,7 @@ def render_html(d: Dict[str, Any], images: Dict[str, str]) -> str:
 
 def build_report(run_dir: str, out_dir: Optional[str] = None, ckpt_dir: Optional[str] = None) -> str:
     """Writes report.html and one PNG per plot; returns the HTML path."""
-    from train import report_plots as rp
+    from cost import report_plots as rp
 
     out_dir = out_dir or os.path.join(run_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
