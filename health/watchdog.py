@@ -54,25 +54,25 @@ def format_all_stacks() -> str:
 def dump_flight_recorder(path: str) -> bool:
     """Write the flight-recorder trace (pickled: version, pg_config, pg_status, entries) to ``path``.
 
-    The one place that knows the private entry points: ``_dump_nccl_trace`` (CUDA builds; includes
-    NCCL communicator state) and ``_dump_fr_trace`` (any backend, torch >= 2.9). False where neither
-    exists, no process group is up, or torch was never imported (no PG then either)."""
+    The private entry points live behind ``compat.torch_compat.dump_flight_recorder_trace``. False
+    where this build has none, no process group is up, or torch was never imported (no PG then
+    either: the lazy imports keep torch out of processes that never loaded it)."""
     if "torch.distributed" not in sys.modules:
         return False
     try:
         import torch.distributed as dist
-        from torch._C import _distributed_c10d as c10d
+
+        from compat.torch_compat import dump_flight_recorder_trace
     except ImportError:
         return False
     if not (dist.is_available() and dist.is_initialized()):
         return False
-    fn = getattr(c10d, "_dump_nccl_trace", None) or getattr(c10d, "_dump_fr_trace", None)
-    if fn is None:
-        return False
     try:
-        data = fn()
+        data = dump_flight_recorder_trace()
     except Exception as e:  # never let the dump stop the exit
         log.warning("flight recorder dump failed: %s", e)
+        return False
+    if data is None:
         return False
     with open(path, "wb") as f:
         f.write(data)

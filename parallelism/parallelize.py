@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from compat.torch_compat import foreach_mul_
 from parallelism.mesh import Meshes, build_mesh
 
 __all__ = ["parallelize", "apply_activation_checkpointing", "AC_POLICIES", "compile_blocks", "clip_grad_norm",
@@ -196,5 +197,5 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, norm_type: f
                 for g in grads:
                     g.mul_(coef.to(g.device))
             else:
-                torch._foreach_mul_(grads, coef.to(grads[0].device))
+                foreach_mul_(grads, coef.to(grads[0].device))
     return total

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.torch_compat import grouped_mm, grouped_mm_dims_ok, grouped_mm_fn, has_grouped_mm
+from compat.torch_compat import grouped_mm, grouped_mm_dims_ok, grouped_mm_fn, has_grouped_mm
 
 needs_gmm = pytest.mark.skipif(grouped_mm_fn() is None or not has_grouped_mm("cpu"),
                                reason="this torch has no CPU grouped_mm")
