@@ -18,7 +18,10 @@ import json
 import os
 import time
 
-ORDER = {2: 7, 76: 6, 77: 5, 78: 4, 1: 3, 75: 2, 0: 1}
+from health.exit_codes import ExitCode
+
+_E = ExitCode
+ORDER = {_E.CONFIG_ERROR: 7, _E.UNHEALTHY: 6, _E.BUDGET_EXHAUSTED: 5, _E.HANG: 4, _E.CRASH: 3, _E.PREEMPTED: 2, _E.OK: 1}
 PATTERN = "exit_code.rank*.json"
 
 

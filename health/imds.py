@@ -24,8 +24,9 @@ import urllib.error
 import urllib.request
 from datetime import datetime
 
-from health.flags import EXIT_PREEMPTED, StopFlags
+from health.exit_codes import ExitCode
 
+from health.flags import StopFlags
 log = logging.getLogger("moeforge.health")
 
 DEFAULT_ENDPOINT = "http://169.254.169.254"
@@ -194,14 +195,14 @@ class PreemptionWatcher:
             when = action.get("time", "?")
             self.deadline = parse_notice_time(when)
             reason = f"spot interruption notice: {action.get('action', '?')} at {when}"
-            log.warning("%s; requesting checkpoint and exit %d", reason, EXIT_PREEMPTED)
-            self.flags.request(EXIT_PREEMPTED, reason)
+            log.warning("%s; requesting checkpoint and exit %d", reason, ExitCode.PREEMPTED)
+            self.flags.request(ExitCode.PREEMPTED, reason)
         if rebalance and self.rebalance is None:
             self.rebalance = rebalance
             msg = f"EC2 rebalance recommendation (noticeTime {rebalance.get('noticeTime', '?')})"
             if self.act_on_rebalance:
-                log.warning("%s; health.act_on_rebalance=true: checkpoint and exit %d", msg, EXIT_PREEMPTED)
-                self.flags.request(EXIT_PREEMPTED, msg)
+                log.warning("%s; health.act_on_rebalance=true: checkpoint and exit %d", msg, ExitCode.PREEMPTED)
+                self.flags.request(ExitCode.PREEMPTED, msg)
             else:
                 log.warning("%s: spot capacity at risk; continuing (health.act_on_rebalance=false)", msg)
 

@@ -13,7 +13,9 @@ import socket
 import threading
 import time
 
-from health.flags import EXIT_UNHEALTHY, StopFlags
+from health.exit_codes import ExitCode
+
+from health.flags import StopFlags
 from health.policy import EXIT_76, IGNORE, WARN, Finding, PolicyConfig, evaluate, evaluate_xid
 
 WARN_REPEAT_S = 600.0  # a repeating warning about one GPU counter is logged at most this often
@@ -96,7 +98,7 @@ class HealthMonitor:
                 self.log.warning("health: %s", f.message())
             if f.action == EXIT_76 and not self._requested:
                 self._requested = True
-                self.flags.request(EXIT_UNHEALTHY, f"unhealthy GPU: {f.message()}")
+                self.flags.request(ExitCode.UNHEALTHY, f"unhealthy GPU: {f.message()}")
         return new
 
     def _run(self) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import signal
 import threading
 
-from health.flags import EXIT_PREEMPTED, StopFlags
+from health.exit_codes import ExitCode
 
+from health.flags import StopFlags
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -32,7 +33,7 @@ class SignalHandlers:
 
     def _handle(self, signum, frame) -> None:  # runs in the main thread, between bytecodes
         name = signal.Signals(signum).name
-        self.flags.request(EXIT_PREEMPTED, f"received {name}: checkpoint and exit {EXIT_PREEMPTED}")
+        self.flags.request(ExitCode.PREEMPTED, f"received {name}: checkpoint and exit {ExitCode.PREEMPTED}")
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 

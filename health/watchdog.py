@@ -1,5 +1,5 @@
 """Hang watchdog: if the training loop makes no progress for ``timeout_s``, dump every thread's
-Python stack (and, on GPU, the NCCL flight recorder) and exit with ``EXIT_HANG`` (78).
+Python stack (and, on GPU, the NCCL flight recorder) and exit with ``ExitCode.HANG`` (78).
 
 Why exit at all: a rank stuck in a collective holds every other rank; NCCL's own timeout
 (``parallel.timeout_s``) may be long and its abort does not say where Python was. The dump names the
@@ -20,8 +20,7 @@ import threading
 import time
 import traceback
 
-from health.flags import EXIT_HANG
-
+from health.exit_codes import ExitCode
 log = logging.getLogger("moeforge.health")
 
 
@@ -80,7 +79,7 @@ def dump_flight_recorder(path: str) -> bool:
 
 
 class HangWatchdog:
-    def __init__(self, timeout_s: float, dump_dir: str, rank: int = 0, exit_code: int = EXIT_HANG,
+    def __init__(self, timeout_s: float, dump_dir: str, rank: int = 0, exit_code: int = ExitCode.HANG,
                  poll_s: float | None = None, on_hang=None, exit_record_dir: str | None = None):
         self.timeout_s = float(timeout_s)
         self.dump_dir = dump_dir

@@ -12,10 +12,14 @@ import argparse
 import os
 import re
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
-from launch.config import EXIT_CONFIG_ERROR, LaunchConfigError, compose
+from health.exit_codes import ExitCode
 
+from launch.config import LaunchConfigError, compose
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 TARGETS = ("local", "slurm", "hyperpod", "hyperpod-eks")
 
 
@@ -61,7 +65,7 @@ def _split(argv: List[str]):
     return argv, []
 
 
-def _instance_type(args, cfg) -> str:
+def _instance_type(args: argparse.Namespace, cfg: TrainConfig) -> str:
     return args.instance_type or (cfg.cluster.instance_type if cfg.cluster.instance_type != "local" else "")
 
 
@@ -82,10 +86,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     overrides = list(args.overrides) + overrides
     if args.time and not re.fullmatch(r"(\d+-)?\d+:\d{2}:\d{2}|\d+", args.time):
         print(f"config error: --time {args.time!r} is not HH:MM:SS", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return ExitCode.CONFIG_ERROR
     if args.nodes < 1:
         print("config error: --nodes must be >= 1", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return ExitCode.CONFIG_ERROR
     eks = args.target == "hyperpod-eks"
     if eks and not args.instance_type:
         args.instance_type = "p5.48xlarge"
@@ -101,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     nodes=args.nodes if args.nodes != 1 or args.instance_type else None, cwd=cwd)
     except LaunchConfigError as e:
         print(str(e), file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return ExitCode.CONFIG_ERROR
     gpus = args.gpus_per_node if args.gpus_per_node is not None else int(c.cfg.cluster.accelerators_per_node or 0)
     xla = c.cfg.trainer.device in ("neuron", "xla")
     if xla:  # NeuronCores are not Slurm GPUs, and the XLA path runs one process (train/neuron_env.py)
@@ -113,7 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         errors = xla_config_errors(c.cfg, args.nodes * nproc)
         if errors:
             print("config error: " + "; ".join(errors), file=sys.stderr)
-            return EXIT_CONFIG_ERROR
+            return ExitCode.CONFIG_ERROR
     print(f"run_name={c.run_name}")
     print(f"run_dir={c.run_dir}")
 
@@ -141,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             E.resources(args.instance_type)
         except ValueError as e:
             print(f"config error: {e}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
+            return ExitCode.CONFIG_ERROR
         if args.dry_run:  # print only: RUN_DIR is a path inside the pods (FSx), maybe not mounted here
             doc = E.manifest(job)
             try:

@@ -13,8 +13,6 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
-EXIT_CONFIG_ERROR = 2
-
 
 class LaunchConfigError(Exception):
     """Bad launcher arguments or trainer overrides: exit 2, nothing submitted."""

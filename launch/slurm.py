@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from health.exit_codes import ExitCode as E
+
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 HYPERPOD_MARKER = "/opt/sagemaker_cluster"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,8 +103,8 @@ def render(job: SlurmJob) -> str:
     return f"""#!/bin/bash
 {header}
 # Rendered by `python -m launch slurm` for run {job.run_name}. Re-render rather than edit.
-# Exit-code policy (docs/launch.md): 0 done | 75 requeue | 76 exclude node + requeue |
-# 77, 2 stop | 78, 1, other: requeue while this job's failures <= MAX_RETRIES.
+# Exit-code policy (docs/launch.md): {E.OK:d} done | {E.PREEMPTED:d} requeue | {E.UNHEALTHY:d} exclude node + requeue |
+# {E.BUDGET_EXHAUSTED:d}, {E.CONFIG_ERROR:d} stop | {E.HANG:d}, {E.CRASH:d}, other: requeue while this job's failures <= MAX_RETRIES.
 set -uo pipefail
 
 export RUN_DIR={q(job.run_dir)}
@@ -152,13 +154,13 @@ code=$("$PY" -m health exit-code --dir "$RUN_DIR" --rc "$rc" 2>/dev/null) || cod
 [[ "$code" =~ ^[0-9]+$ ]] || code=$rc
 log "step exited rc=$rc; exit code to act on: $code"
 case "$code" in
-  0)  log "done"; exit 0 ;;
-  75) log "preempted with a committed checkpoint: requeue"; requeue ;;
-  76) log "unhealthy node $node: exclude it and requeue"
+  {E.OK:d})  log "done"; exit {E.OK:d} ;;
+  {E.PREEMPTED:d}) log "preempted with a committed checkpoint: requeue"; requeue ;;
+  {E.UNHEALTHY:d}) log "unhealthy node $node: exclude it and requeue"
       scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$node" || log "could not exclude $node"
       requeue ;;
-  77) log "budget spent: stop"; exit 77 ;;
-  2)  log "config error: stop"; exit 2 ;;
+  {E.BUDGET_EXHAUSTED:d}) log "budget spent: stop"; exit {E.BUDGET_EXHAUSTED:d} ;;
+  {E.CONFIG_ERROR:d})  log "config error: stop"; exit {E.CONFIG_ERROR:d} ;;
   *)  echo "$SLURM_JOB_ID $attempt $code" >> "$RUN_DIR/launch/failures"
       failures=$(grep -c "^$SLURM_JOB_ID " "$RUN_DIR/launch/failures")
       if [ "$failures" -le "$MAX_RETRIES" ]; then

@@ -28,8 +28,7 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from train.config import ClusterConfig, CostConfig
-from train.exit_codes import EXIT_BUDGET
-
+from health.exit_codes import ExitCode
 log = logging.getLogger("moeforge")
 
 LIFECYCLES = ("on_demand", "spot")
@@ -37,7 +36,7 @@ STATE_VERSION = 2
 HEARTBEAT_FILE = "heartbeat.json"
 HEARTBEAT_VERSION = 1
 # Exits after which the next start is a person's choice, not a requeue: the gap is not billed.
-DELIBERATE_EXITS = (0, 2, 77)
+DELIBERATE_EXITS = (ExitCode.OK, ExitCode.CONFIG_ERROR, ExitCode.BUDGET_EXHAUSTED)
 
 
 def price_per_instance_hour(cluster: ClusterConfig, cost: CostConfig) -> float:
@@ -402,7 +401,7 @@ def budget_stop_message(spent_usd: float, budget_usd: float, step: int,
            else f"spent ${spent_usd:.2f}; the next checkpoint would bring it to "
                 f"${projected_usd or 0.0:.2f}, past cost.budget_usd=${budget_usd:.2f}")
     return (f"budget exhausted at step {step}: {why}. Saved a checkpoint and exiting "
-            f"{EXIT_BUDGET} (do not resubmit). To continue, raise cost.budget_usd and run the same command.")
+            f"{ExitCode.BUDGET_EXHAUSTED} (do not resubmit). To continue, raise cost.budget_usd and run the same command.")
 
 
 def budget_refusal_message(spent_usd: float, budget_usd: float, step: int,
@@ -413,7 +412,7 @@ def budget_refusal_message(spent_usd: float, budget_usd: float, step: int,
     where = (f"stopped on its budget at step {step}" if stopped
              else f"has used up its budget (resumed at step {step})")
     return (f"not training: this run {where} (spent ${spent_usd:.2f}, "
-            f"cost.budget_usd=${budget_usd:.2f}). Exiting {EXIT_BUDGET}. To continue, raise the "
+            f"cost.budget_usd=${budget_usd:.2f}). Exiting {ExitCode.BUDGET_EXHAUSTED}. To continue, raise the "
             f"budget, e.g. cost.budget_usd={_suggest(budget_usd)}.")
 
 
