@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from health.config import HealthConfig
+
 IGNORE, WARN, EXIT_76 = "ignore", "warn", "checkpoint_exit_76"
 
 XID_ACTIONS: dict[int, str] = {
@@ -65,8 +67,8 @@ class PolicyConfig:
     xid_actions: dict | None = None  # overrides of XID_ACTIONS, {xid: action}
 
     @classmethod
-    def from_config(cls, cfg) -> "PolicyConfig":
-        """From a HealthConfig-like object (duck-typed; missing fields keep their defaults)."""
+    def from_config(cls, cfg: HealthConfig | None) -> "PolicyConfig":
+        """From the ``health`` section (a partial one too: missing fields keep their defaults)."""
         kw = {}
         for f in ("ecc_uncorrected_max", "temp_warn_c", "pcie_replay_warn_delta", "nvlink_error_warn_delta",
                   "xid_actions"):
