@@ -18,6 +18,7 @@ import json
 import os
 import time
 
+from checkpointing.atomic import atomic_write_text
 from health.exit_codes import ExitCode
 
 _E = ExitCode
@@ -31,14 +32,9 @@ def record_path(directory: str, rank: int) -> str:
 
 def write_exit_record(directory: str, rank: int, code: int, reason: str = "") -> str:
     """Atomically write this rank's exit code (temp file + rename); returns the path."""
-    os.makedirs(directory, exist_ok=True)
     path = record_path(directory, rank)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"code": int(code), "reason": reason, "rank": rank, "pid": os.getpid(), "time": time.time()}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"code": int(code), "reason": reason, "rank": rank, "pid": os.getpid(),
+                                        "time": time.time()}))
     return path
 
 

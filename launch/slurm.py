@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from checkpointing.atomic import atomic_write_text
 from health.exit_codes import ExitCode as E
 
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -173,12 +174,7 @@ esac
 
 def write(job: SlurmJob) -> str:
     path = job.script_path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(render(job))
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
+    atomic_write_text(path, render(job), mode=0o755)
     return path
 
 

@@ -54,10 +54,10 @@ def write_resolved_config(cfg: TrainConfig, directory: str) -> None:
 
     from train.metrics import redact_secrets
 
+    from checkpointing.atomic import atomic_write_text
+
     blob = redact_secrets(dataclasses.asdict(cfg))
-    with open(os.path.join(directory, "config.yaml.tmp"), "w") as f:
-        f.write(OmegaConf.to_yaml(OmegaConf.create(blob)))
-    os.replace(os.path.join(directory, "config.yaml.tmp"), os.path.join(directory, "config.yaml"))
+    atomic_write_text(os.path.join(directory, "config.yaml"), OmegaConf.to_yaml(OmegaConf.create(blob)))
 
 
 def _log_xla(runtime, xla_env: dict) -> None:
