@@ -18,15 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 import urllib.error
 import urllib.request
 from datetime import datetime
 
+from health.background import BackgroundThread
 from health.exit_codes import ExitCode
-
 from health.flags import StopFlags
+
 log = logging.getLogger("moeforge.health")
 
 DEFAULT_ENDPOINT = "http://169.254.169.254"
@@ -165,21 +165,18 @@ class PreemptionWatcher:
         self.rebalance: dict | None = None
         self.polls = 0
         self.errors = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = BackgroundThread("moeforge-imds", self._run)
+        self._stop = self._thread.stop_event
 
     def start(self) -> bool:
         """Start polling; False (and no thread) when IMDS is not reachable."""
         if not self.client.available():
             return False
-        self._thread = threading.Thread(target=self._run, name="moeforge-imds", daemon=True)
         self._thread.start()
         return True
 
     def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._thread.stop(timeout)
 
     def poll_once(self) -> None:
         self.polls += 1

@@ -13,8 +13,8 @@ import socket
 import threading
 import time
 
+from health.background import BackgroundThread
 from health.exit_codes import ExitCode
-
 from health.flags import StopFlags
 from health.policy import EXIT_76, IGNORE, WARN, Finding, PolicyConfig, evaluate, evaluate_xid
 
@@ -43,18 +43,15 @@ class HealthMonitor:
         self._warned: dict = {}  # (gpu, what) -> when last warned
         self._prev: dict[int, object] = {}
         self._requested = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = BackgroundThread("moeforge-nvml", self._run)
+        self._stop = self._thread.stop_event
 
     def start(self) -> "HealthMonitor":
-        self._thread = threading.Thread(target=self._run, name="moeforge-nvml", daemon=True)
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._thread.stop(timeout)
 
     def poll_once(self) -> list[Finding]:
         """Read all GPUs and pending XIDs once; returns this pass's new findings."""

@@ -13,8 +13,8 @@ import signal
 import threading
 
 from health.exit_codes import ExitCode
-
 from health.flags import StopFlags
+
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 

@@ -20,7 +20,9 @@ import threading
 import time
 import traceback
 
+from health.background import BackgroundThread
 from health.exit_codes import ExitCode
+
 log = logging.getLogger("moeforge.health")
 
 
@@ -91,20 +93,17 @@ class HangWatchdog:
         self.step = -1
         self._last = time.monotonic()
         self._extra = 0.0  # grace seconds granted by grace()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = BackgroundThread("moeforge-hang-watchdog", self._run)
+        self._stop = self._thread.stop_event
         self.fired = False
 
     def start(self) -> "HangWatchdog":
         self._last = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="moeforge-hang-watchdog", daemon=True)
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._thread.stop(timeout)
 
     def beat(self, step: int) -> None:
         """Progress: call once per optimizer step (two attribute stores; no lock)."""

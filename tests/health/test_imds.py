@@ -10,7 +10,6 @@ import urllib.request
 import pytest
 
 from health.exit_codes import ExitCode
-
 from health.flags import StopFlags
 from health.imds import SPOT_ACTION_PATH, TOKEN_PATH, ImdsClient, PreemptionWatcher, parse_notice_time
 from tests.health.imds_server import ImdsServer

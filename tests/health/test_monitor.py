@@ -7,7 +7,6 @@ import logging
 import time
 
 from health.exit_codes import ExitCode
-
 from health.flags import StopFlags
 from health.monitor import HealthMonitor
 from health.nvml import CLOCK_EVENT_BITS, FakeProbe, GpuProbe, GpuReading
