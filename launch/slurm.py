@@ -188,7 +188,3 @@ def submit(job: SlurmJob) -> str:
     if p.returncode != 0:
         raise RuntimeError(f"sbatch failed ({p.returncode}): {p.stderr.strip()}")
     return p.stdout.strip().split(";")[0]
-
-
-def on_hyperpod_slurm() -> bool:
-    return os.path.isdir(HYPERPOD_MARKER)
