@@ -17,7 +17,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "publish_dir"]
 
@@ -31,7 +34,7 @@ def _local_path(path_or_url: str) -> Optional[str]:
 
 
 def atomic_write_bytes(path_or_url: str, data: bytes, storage_options: Optional[Mapping[str, Any]] = None,
-                       *, mode: Optional[int] = None, fs: Any = None) -> None:
+                       *, mode: Optional[int] = None, fs: Optional[AbstractFileSystem] = None) -> None:
     """Replace ``path_or_url`` with ``data`` atomically (see the module docstring).
 
     ``storage_options`` go to the fsspec filesystem of a URL (``checkpointing.storage.fsspec_options``
@@ -72,7 +75,7 @@ def atomic_write_bytes(path_or_url: str, data: bytes, storage_options: Optional[
 
 
 def atomic_write_text(path_or_url: str, text: str, storage_options: Optional[Mapping[str, Any]] = None,
-                      *, mode: Optional[int] = None, fs: Any = None) -> None:
+                      *, mode: Optional[int] = None, fs: Optional[AbstractFileSystem] = None) -> None:
     """``atomic_write_bytes`` of ``text`` encoded as UTF-8."""
     atomic_write_bytes(path_or_url, text.encode("utf-8"), storage_options, mode=mode, fs=fs)
 
@@ -93,7 +96,7 @@ def publish_dir(tmp_dir: str, final_dir: str, marker: str = "") -> bool:
     return True
 
 
-def _is_local_fs(fs: Any) -> bool:
+def _is_local_fs(fs: AbstractFileSystem) -> bool:
     protocol = fs.protocol
     return any(p in ("file", "local") for p in ((protocol,) if isinstance(protocol, str) else protocol))
 

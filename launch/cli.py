@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 from health.exit_codes import ExitCode
 
-from launch.config import LaunchConfigError, compose
+from launch.config import Composed, LaunchConfigError, compose
 
 if TYPE_CHECKING:
     from train.config import TrainConfig
@@ -69,7 +69,7 @@ def _instance_type(args: argparse.Namespace, cfg: TrainConfig) -> str:
     return args.instance_type or (cfg.cluster.instance_type if cfg.cluster.instance_type != "local" else "")
 
 
-def _neuron_env(c) -> dict:
+def _neuron_env(c: Composed) -> dict:
     """trainer.device=neuron on EKS: the Neuron variables in the pod spec (no precompile step there)."""
     if c.cfg.trainer.device != "neuron":
         return {}
