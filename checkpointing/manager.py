@@ -347,7 +347,7 @@ class CheckpointManager:
     def close(self) -> Optional[SaveResult]:
         """Finish the in-flight save (and, with two tiers, its upload). Call before exiting; the
         result is that save's (None when none was in flight): check ``committed`` before exiting
-        with "interrupted, resubmit" (75) after an async final save."""
+        with "interrupted, resubmit" (PREEMPTED) after an async final save."""
         try:
             return self.wait_committed()
         finally:

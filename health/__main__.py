@@ -1,8 +1,8 @@
-"""``python -m health preflight [--deep] [--expected-gpus N] [--instance-type T]``: exit 0 healthy,
-76 unhealthy (the table names hosts and GPUs), 2 bad arguments.
+"""``python -m health preflight [--deep] [--expected-gpus N] [--instance-type T]``: exit OK healthy,
+UNHEALTHY (the table names hosts and GPUs), CONFIG_ERROR bad arguments (``health.exit_codes.ExitCode``).
 
-``python -m health nvml``: one NVML reading per GPU and the policy's findings (exit 0; 76 when a
-finding asks to leave the node).
+``python -m health nvml``: one NVML reading per GPU and the policy's findings (exit OK; UNHEALTHY
+when a finding asks to leave the node).
 
 ``python -m health exit-code --dir RUN_DIR --rc RC``: prints the exit code a launcher should act on
 (the ranks' exit records, else RC): torchrun itself exits 1 whatever its workers' codes.

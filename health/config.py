@@ -11,18 +11,18 @@ class HealthConfig:
     imds_endpoint: str = "http://169.254.169.254"
     preemption_deadline_s: float = 110.0
     # docs/resilience.md describes each knob.
-    preflight: str = "quick"  # off | quick | deep: node check before training (exit 76 when unhealthy)
+    preflight: str = "quick"  # off | quick | deep: node check before training (ExitCode.UNHEALTHY when unhealthy)
     expected_gpus: int = 0  # GPUs per node preflight requires; 0 = cluster.accelerators_per_node (0: any)
     imds_interval_s: float = 5.0  # spot-notice poll period (AWS recommends 5 s)
     imds_timeout_s: float = 0.5  # per IMDS request; the first failure turns the watcher off
     act_on_rebalance: bool = False  # treat an EC2 rebalance recommendation like a spot notice
     nvml_interval_s: float = 30.0  # GPU health poll period; 0 = off
-    ecc_uncorrected_max: int = 0  # volatile uncorrected ECC errors tolerated before exit 76
+    ecc_uncorrected_max: int = 0  # volatile uncorrected ECC errors tolerated before ExitCode.UNHEALTHY
     temp_warn_c: float = 87.0
     pcie_replay_warn_delta: int = 100  # PCIe replays between two polls that warn
     nvlink_error_warn_delta: int = 100  # NVLink CRC/replay errors between two polls that warn
     xid_actions: Dict[str, str] = field(default_factory=dict)  # {"xid": ignore|warn|checkpoint_exit_76}
-    hang_timeout_s: float = 1800.0  # no step for this long: dump stacks, exit 78; 0 = off
+    hang_timeout_s: float = 1800.0  # no step for this long: dump stacks, ExitCode.HANG; 0 = off
     straggler_every: int = 50  # gather per-rank step times every N steps; 0 = off
     straggler_threshold: float = 1.2  # rank median / median of medians
     straggler_windows: int = 5  # m: windows remembered

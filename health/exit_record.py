@@ -1,13 +1,13 @@
 """The exit code, written where a launcher can read it: torchrun does not pass it through.
 
 Measured (torch 2.13): when any worker exits non-zero, torchrun itself exits 1, whatever the
-worker's code (75, 76, ...). So each rank writes ``<dir>/exit_code.rank<r>.json`` just before it
+worker's code (PREEMPTED, UNHEALTHY, ...). So each rank writes ``<dir>/exit_code.rank<r>.json`` just before it
 exits with a deliberate code, and the launcher asks
 ``python -m health exit-code --dir RUN_DIR --rc $?`` for the code to act on. A rank that crashed
 writes nothing; with no record the launcher's own ``--rc`` stands.
 
-Several ranks' records combine by: 2 config > 76 unhealthy > 77 budget > 78 hang > 1 crash >
-75 preempted > 0 (whatever is most permanent wins; 75 needs every rank's shards, so one rank's
+Several ranks' records combine by (``ExitCode`` names): CONFIG_ERROR > UNHEALTHY > BUDGET_EXHAUSTED >
+HANG > CRASH > PREEMPTED > OK (whatever is most permanent wins; PREEMPTED needs every rank's shards, so one rank's
 crash or hang means the attempt did not end cleanly).
 """
 

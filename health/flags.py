@@ -7,12 +7,12 @@ highest-priority one. No request can be lost to a race between a watcher thread 
 
 Priority when several stop reasons arrive before the loop acts on them:
 
-    76 UNHEALTHY  >  77 BUDGET  >  75 PREEMPTED
+    UNHEALTHY  >  BUDGET_EXHAUSTED  >  PREEMPTED     (health.exit_codes.ExitCode)
 
 * Unhealthy wins: the launcher must learn to exclude this node, whatever else happened; a budget
   stop is still noticed by the next attempt (the cost meter is in the checkpoint).
-* Budget beats preemption: 77 is terminal; resubmitting after a spot notice would only start a
-  node to exit 77 again.
+* Budget beats preemption: BUDGET_EXHAUSTED is terminal; resubmitting after a spot notice would
+  only start a node to exit with it again.
 * Any other code ranks below these, in request order.
 """
 

@@ -146,10 +146,11 @@ def parse_notice_time(s: str) -> float | None:
 
 
 class PreemptionWatcher:
-    """Daemon thread: polls spot/instance-action every ``interval_s``; on a notice sets code 75 once.
+    """Daemon thread: polls spot/instance-action every ``interval_s``; on a notice requests
+    ``ExitCode.PREEMPTED`` once.
 
     A rebalance recommendation (capacity risk, not a notice) logs a warning; with
-    ``act_on_rebalance=True`` it also requests a checkpoint-and-exit 75.
+    ``act_on_rebalance=True`` it also requests a checkpoint-and-exit PREEMPTED.
     """
 
     def __init__(self, flags: StopFlags, endpoint: str = DEFAULT_ENDPOINT, interval_s: float = 5.0,

@@ -1,5 +1,5 @@
 """HealthMonitor: a low-priority daemon thread that reads every GPU each interval, logs findings
-(GPU index, host, raw value) and requests stop code 76 for ECC / row-remap / bad-XID findings.
+(GPU index, host, raw value) and requests ``ExitCode.UNHEALTHY`` for ECC / row-remap / bad-XID findings.
 
 Thermal and power slowdowns are warnings only. Each distinct (gpu, what, value) is logged once, so a
 GPU stuck at its power cap does not fill the log. ``last_poll_s`` is the measured cost of one pass.

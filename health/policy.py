@@ -3,9 +3,9 @@
 Actions:
     ignore              nothing to do (logged at debug)
     warn                log a warning with GPU, host and raw value; keep training
-    checkpoint_exit_76  request stop code 76: checkpoint at the next step boundary and exit so the
+    checkpoint_exit_76  request ExitCode.UNHEALTHY: checkpoint at the next step boundary and exit so the
                         launcher resubmits on another node (if the GPU is too far gone to save, the
-                        trainer still exits 76 and the previous committed checkpoint is used)
+                        trainer still exits UNHEALTHY and the previous committed checkpoint is used)
 
 XID meanings follow NVIDIA's "XID Errors" catalogue (docs.nvidia.com/deploy/xid-errors) and its
 GPU memory error-management guide (row remapping on A100/H100).

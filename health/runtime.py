@@ -4,7 +4,7 @@ boundary, leave an exit record, shut down. Takes the ``health`` config section (
     hr = HealthRuntime(cfg.health, rank=..., local_rank=..., world_size=..., run_dir=..., group=ctl)
     hr.apply_early_env()                   # before init_process_group (flight recorder)
     ...init process group...
-    report = hr.preflight(expected_gpus, instance_type)   # exit 76 when not report.healthy
+    report = hr.preflight(expected_gpus, instance_type)   # ExitCode.UNHEALTHY when not report.healthy
     hr.start()                             # signals, spot watcher, GPU monitor, hang watchdog
     for each step:
         verdict = hr.nan_guard.check(loss, grad_norm)       # ok | skip | rollback | stop

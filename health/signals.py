@@ -1,4 +1,4 @@
-"""Signal handlers that only set a stop flag (code 75); the loop checkpoints at the next boundary.
+"""Signal handlers that only set a stop flag (``ExitCode.PREEMPTED``); the loop checkpoints at the next boundary.
 
 Which signals arrive, and when: torchrun forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers by
 default and SIGUSR1 only with ``--signals-to-handle``; Slurm's ``--signal=B:USR1@N`` signals the

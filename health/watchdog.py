@@ -1,5 +1,5 @@
 """Hang watchdog: if the training loop makes no progress for ``timeout_s``, dump every thread's
-Python stack (and, on GPU, the NCCL flight recorder) and exit with ``ExitCode.HANG`` (78).
+Python stack (and, on GPU, the NCCL flight recorder) and exit with ``ExitCode.HANG``.
 
 Why exit at all: a rank stuck in a collective holds every other rank; NCCL's own timeout
 (``parallel.timeout_s``) may be long and its abort does not say where Python was. The dump names the

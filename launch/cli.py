@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds before the time limit that Slurm sends USR1 (>= one step + a save + 30 s)")
     p.add_argument("--cpus-per-task", type=int, default=0, help="Slurm CPUs per node task (0: Slurm's default)")
     p.add_argument("--exclusive", action="store_true", help="sbatch --exclusive (the default with GPUs)")
-    p.add_argument("--max-retries", type=int, default=3, help="requeues after crashes/hangs (codes 1, 78, other)")
+    p.add_argument("--max-retries", type=int, default=3, help=f"requeues after crashes/hangs (codes {ExitCode.CRASH:d}, {ExitCode.HANG:d}, other)")
     p.add_argument("--hyperpod", action="store_true",
                    help="slurm: force srun --auto-resume=1 (default: when /opt/sagemaker_cluster exists on the node)")
     p.add_argument("--run-dir", default="", help="explicit run directory (default: output_dir/run_name from the config)")

@@ -11,8 +11,8 @@ The script (docs/launch.md walks through it):
 - exports RUN_DIR (the same for every attempt, so ``checkpoint.resume=auto`` finds the commits);
   EFA/NCCL settings come from the trainer itself (parallelism/efa.py);
 - after the step, the code to act on is ``python -m health exit-code --dir $RUN_DIR --rc $rc``
-  and launch.policy's table decides: 0 done, 75 requeue, 76 exclude this node and requeue, 77 and
-  2 stop, anything else requeue while the job's failures are at most ``--max-retries``.
+  and launch.policy's table decides (``ExitCode`` names): OK done, PREEMPTED requeue, UNHEALTHY
+  exclude this node and requeue, BUDGET_EXHAUSTED and CONFIG_ERROR stop, anything else requeue while the job's failures are at most ``--max-retries``.
 """
 
 from __future__ import annotations
