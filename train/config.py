@@ -8,7 +8,7 @@ the trainer's own sections and composes them all. Rules that span sections live 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import List
 
 from checkpointing.config import CheckpointConfig
 from health.config import HealthConfig
