@@ -62,7 +62,8 @@ class OursStep:
 def build_ours(cfg: ModelConfig, runtime: Runtime, batch, compile: bool, lr: float = 3e-4) -> OursStep:
     from parallelism.parallelize import parallelize
     from parallelism.process_group import DistContext
-    from train.config import OptimConfig, ParallelConfig
+    from parallelism.config import ParallelConfig
+    from train.config import OptimConfig
     from train.optim import build_optimizer
     from train.step import train_step
     from model.transformer import Transformer

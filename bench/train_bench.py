@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     from parallelism.parallelize import parallelize
     from parallelism.process_group import init_distributed, shutdown
     from devices.runtime import resolve_runtime
-    from train.config import ParallelConfig
+    from parallelism.config import ParallelConfig
     from train.optim import build_optimizer
     from train.config import OptimConfig
     from train.step import train_step

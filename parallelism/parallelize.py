@@ -26,6 +26,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from compat.torch_compat import foreach_mul_
+from parallelism.config import ParallelConfig
 from parallelism.mesh import Meshes, build_mesh
 
 __all__ = ["parallelize", "apply_activation_checkpointing", "AC_POLICIES", "compile_blocks", "clip_grad_norm",
@@ -113,7 +115,7 @@ def _n_experts(model: nn.Module) -> Optional[int]:
     return getattr(moe, "n_experts", None) if moe is not None else None
 
 
-def parallelize(model: nn.Module, parallel_cfg: Any, ctx: Any, device_type: str,
+def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, ctx: Any, device_type: str,
                 param_dtype: Optional[torch.dtype] = None, activation_checkpointing: bool = False,
                 compile: bool = False, meshes: Optional[Meshes] = None,
                 reshard_after_forward: bool = True, ac_policy: str = "full", ac_every: int = 1) -> nn.Module:
@@ -196,5 +198,5 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, norm_type: f
                 for g in grads:
                     g.mul_(coef.to(g.device))
             else:
-                torch._foreach_mul_(grads, coef.to(grads[0].device))
+                foreach_mul_(grads, coef.to(grads[0].device))
     return total

@@ -13,7 +13,7 @@ from model.transformer import Transformer
 from moe.balance import routing_stats
 from devices.runtime import Runtime
 from train.config import TrainConfig
-from train.exit_codes import EXIT_BUDGET, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED
+from health.exit_codes import ExitCode
 from train.optim import build_optimizer, lr_at, set_lr
 from train.run_dir import config_hash
 from train.step import evaluate, train_step
@@ -170,7 +170,7 @@ class Trainer:
         """Close this attempt's accounting: called last, after the process group is gone, so the
         paid time covers the whole attempt (every exit path, crashes included)."""
         if hasattr(self, "acct"):
-            log.info(self.acct.finish(code, self.exit_reason if code != EXIT_CRASH else "crash"))
+            log.info(self.acct.finish(code, self.exit_reason if code != ExitCode.CRASH else "crash"))
 
     def _run(self) -> tuple[int, str]:
         from train.metrics import MetricsLogger
@@ -185,11 +185,11 @@ class Trainer:
             log.info("run %s is already complete at step %d (trainer.max_steps=%d); outputs in %s. "
                      "Raise trainer.max_steps to train further.", self.run_name, self.step, t.max_steps,
                      self.run_dir)
-            return EXIT_OK, "already complete"
+            return ExitCode.OK, "already complete"
         refusal = self.acct.refuse_start()
         if refusal:
             log.warning(refusal)
-            return EXIT_BUDGET, "budget already spent"
+            return ExitCode.BUDGET_EXHAUSTED, "budget already spent"
         self._announce()
         self.hr.start()  # signals, spot watcher, GPU monitor, hang watchdog (after the slow setup)
         try:
@@ -235,7 +235,7 @@ class Trainer:
                 log.error("non-finite loss or gradients at step %d, %d times in a row (health.nan_max_skips="
                           "%d; %s): stopping without a checkpoint", self.step + 1, g.consecutive,
                           cfg.health.nan_max_skips, why)
-                return EXIT_CRASH, "non-finite training state"
+                return ExitCode.CRASH, "non-finite training state"
             if result.verdict == "skip":
                 log.warning("step %d: non-finite loss or gradient norm, update skipped (%d in a row, at most "
                             "health.nan_max_skips=%d)", self.step + 1, self.hr.nan_guard.consecutive,
@@ -257,23 +257,23 @@ class Trainer:
             budget = self.acct.check_budget(self.step, next_save_step(self.step, cfg.checkpoint.every_steps,
                                                                       t.max_steps))
             if budget:
-                self.hr.flags.request(EXIT_BUDGET, budget)
+                self.hr.flags.request(ExitCode.BUDGET_EXHAUSTED, budget)
             # Every rank, every step: one small all-reduce decides together whether to stop.
             stop = self.hr.at_boundary(self.step)
             if self.step % t.log_every == 0 or self.step == t.max_steps or val_loss is not None or stop:
                 self._log(result, val_loss, window, tokens_per_step)
                 window = {"t0": time.perf_counter(), "steps": 0, "data_wait": 0.0}
             done = self.step >= t.max_steps or early is not None
-            code, reason = (stop.code, stop.reason) if stop else (EXIT_OK, early or "done")
+            code, reason = (stop.code, stop.reason) if stop else (ExitCode.OK, early or "done")
             final = done or stop is not None
             if final:
                 self.acct.mark_exit(code, reason)
             due = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
             if due or (final and (cfg.checkpoint.save_final or stop is not None)):
                 committed = self._save(emergency=stop)
-                if stop is not None and not committed and code == EXIT_PREEMPTED:
+                if stop is not None and not committed and code == ExitCode.PREEMPTED:
                     # 75 promises a committed checkpoint; without one, say crash (bounded retries).
-                    code, reason = EXIT_CRASH, reason + " (the emergency checkpoint was not committed)"
+                    code, reason = ExitCode.CRASH, reason + " (the emergency checkpoint was not committed)"
             if self.step % t.log_every == 0:
                 warning = self.acct.projection_warning(self.step, t.max_steps, tokens_per_step,
                                                        self.samples * t.seq_len)
@@ -285,7 +285,7 @@ class Trainer:
                 log.info("done: step %d, %d tokens, spent $%.4f; run directory %s", self.step,
                          self.samples * t.seq_len, self.cost.spent_usd(), self.run_dir)
                 return code, reason
-        return EXIT_OK, "done"
+        return ExitCode.OK, "done"
 
     def _mark_forward(self, module, args) -> None:
         if self._fwd_enter is None:

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Dict
 
 import torch
 from torch import nn
 
 from checkpointing import ModelState, OptimState
+from checkpointing.config import CheckpointConfig
 
 
-@dataclass
-class Cfg:
-    """Duck-typed like train.config.CheckpointConfig (checkpointing never imports train)."""
-
-    root: str = ""
-    every_steps: int = 50
-    keep_last: int = 0
-    keep_every: int = 0
-    resume: str = "auto"
-    async_mode: str = "off"
-    staging: str = "host"
-    save_final: bool = True
-    storage_options: Dict[str, Any] = field(default_factory=dict)
-    on_save_error: str = "stop"
-    upload_root: str = ""
+def Cfg(**overrides: Any) -> CheckpointConfig:
+    """The ``checkpoint`` section with keep_last=0 (keep everything) unless a test says otherwise."""
+    return CheckpointConfig(**{"keep_last": 0, **overrides})
 
 
 class Tiny(nn.Module):

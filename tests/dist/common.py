@@ -26,7 +26,9 @@ def tiny_cfg(moe_override=None):
 
 
 def par(dp_replicate=1, dp_shard=-1, ep=1):
-    return SimpleNamespace(dp_replicate=dp_replicate, dp_shard=dp_shard, ep=ep, backend="gloo", timeout_s=60)
+    from parallelism.config import ParallelConfig
+
+    return ParallelConfig(dp_replicate=dp_replicate, dp_shard=dp_shard, ep=ep, backend="gloo", timeout_s=60)
 
 
 def build(parallel_cfg=None, world=1, seed=SEED, moe_override=None, **kw):
