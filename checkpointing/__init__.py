@@ -7,16 +7,14 @@ Never imports ``train``: the manager takes the ``checkpoint`` config section as 
 from checkpointing.errors import CheckpointError, ConfigError
 from checkpointing.manager import ON_SAVE_ERROR, CheckpointManager, SaveResult, validate_checkpoint_config
 from checkpointing.resume import resolve_resume
-from checkpointing.state import AppState, ModelState, OptimState, RNGState
+from checkpointing.state import AppState, RNGState
 
 __all__ = [
     "AppState",
     "CheckpointError",
     "CheckpointManager",
     "ConfigError",
-    "ModelState",
     "ON_SAVE_ERROR",
-    "OptimState",
     "RNGState",
     "SaveResult",
     "resolve_resume",
