@@ -1,4 +1,8 @@
-"""One optimizer step: micro-batches forward/backward (gradient accumulation), clip, step."""
+"""One optimizer step: micro-batches forward/backward (gradient accumulation), clip, step.
+
+``StepInputs`` is what the loop hands an engine each step; ``accumulate`` (the micro-batch loop)
+and ``finish_step`` (the non-finite guard's tail) are shared by every engine (``train/engine.py``);
+``train_step`` is the FSDP2 engine's step (plain models at world size 1 too)."""
 
 from __future__ import annotations
 
