@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from train.build import Runtime
+from devices.runtime import Runtime
 from train.config import TrainConfig
 from train.step import StepInputs, StepResult, accumulate, finish_step
 

@@ -32,7 +32,7 @@ from typing import Any, Dict, Protocol, runtime_checkable
 
 import torch
 
-from train.build import Runtime
+from devices.runtime import Runtime
 from train.config import TrainConfig
 from train.step import StepInputs, StepResult
 

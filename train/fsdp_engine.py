@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from parallelism.parallelize import ParallelizeResult
-from train.build import Runtime
+from devices.runtime import Runtime
 from train.config import TrainConfig
 from train.optim import build_optimizer
 from train.step import StepInputs, StepResult, train_step
@@ -40,7 +40,7 @@ class FSDP2Engine:
                                ac_policy=t.ac_policy, ac_every=t.ac_every)
         model.init_weights(t.seed, device=runtime.init_device)
         if runtime.init_device != runtime.device:
-            model.to(runtime.device)  # XLA: initialised on CPU, then moved (train/xla.py)
+            model.to(runtime.device)  # XLA: initialised on CPU, then moved (devices/xla.py)
         optimizer = build_optimizer(model, cfg.optim, runtime.device_type)
         reduce_counts = make_count_reducer(parallel.meshes.dp_group) if ctx.distributed else None
         return cls(model, optimizer, runtime, grad_clip=t.grad_clip, bias_update_rate=cfg.model.moe.bias_update_rate,

@@ -47,7 +47,7 @@ def test_fsdp2_engine_builds_steps_and_gives_its_checkpoint_state():
     from checkpointing.state import AppState
     from model.transformer import Transformer
     from parallelism.process_group import DistContext
-    from train.build import Runtime
+    from devices.runtime import Runtime
     from train.engine import build_engine
     from train.step import StepInputs
 
