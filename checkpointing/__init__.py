@@ -20,8 +20,6 @@ _WHERE = {
     "validate_checkpoint_config": "checkpointing.validate",
     "resolve_resume": "checkpointing.resume",
     "AppState": "checkpointing.state",
-    "ModelState": "checkpointing.state",
-    "OptimState": "checkpointing.state",
     "RNGState": "checkpointing.state",
 }
 

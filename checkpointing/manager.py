@@ -1,7 +1,7 @@
 """CheckpointManager: save (DCP shards + atomic commit), retention, resume with fallback.
 
 The trainer builds ``state``: a dict of Stateful objects and/or nested dicts of tensors, e.g.
-``{"model": ModelState(model), "optim": OptimState(model, opt), "extra": {"rng": RNGState(rank)}}``.
+``{"app": AppState(model, opt), "extra": {"rng": RNGState(rank)}}``.
 Everything in it goes through DCP (tensors and the optimizer's primitive hyper-parameters).
 Non-tensor trainer state (data cursor, LR schedule, cost meter, W&B run id) is passed as
 ``trainer_state`` and lands in ``trainer_state.json``; the summary ``meta`` in ``meta.json``.

@@ -14,9 +14,10 @@ from moe.balance import routing_stats
 from devices.runtime import Runtime
 from train.config import TrainConfig
 from health.exit_codes import ExitCode
-from train.optim import build_optimizer, lr_at, set_lr
+from train.engine import build_engine
+from train.optim import lr_at, set_lr
 from train.run_dir import config_hash
-from train.step import evaluate, train_step
+from train.step import StepInputs, evaluate
 from train.validate import resolved_micro_batch
 
 log = logging.getLogger("moeforge")
@@ -39,35 +40,19 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
         from checkpointing.manager import CheckpointManager
-        from parallelism.expert_parallel import make_count_reducer
-        from parallelism.parallelize import parallelize
         from train.data import build_datasets
         from cost.goodput import RunAccounting
 
         cfg, t = self.cfg, self.cfg.trainer
         self.train_ds, self.val_ds, self.data_info = build_datasets(cfg.data, cfg.model.vocab_size, None)
-        # Meta device first: parallelize (EP -> activation checkpointing -> compile -> FSDP) shards
-        # nothing but metadata, then init_weights materialises each rank's shards from the seed.
+        # Meta device first: the engine parallelises (FSDP2: EP -> activation checkpointing ->
+        # compile -> FSDP) shards nothing but metadata, then materialises each rank's shards from the seed.
         with torch.device("meta"):
             self.model = Transformer(cfg.model)
         self.micro = resolved_micro_batch(cfg, self.ctx.world_size)
         self.n_micro = t.global_batch_size // (self.ctx.world_size * self.micro)
-        self.engine, self.step_fn = None, train_step  # engine: DeepSpeed's (parallel.engine=deepspeed)
-        if cfg.parallel.engine == "deepspeed":
-            self._build_deepspeed()
-        else:
-            fsdp_bf16 = self.ctx.world_size > 1 and self.runtime.amp_dtype is not None
-            parallelize(self.model, cfg.parallel, self.ctx, self.runtime.device_type,
-                        param_dtype=self.runtime.amp_dtype if fsdp_bf16 else None,
-                        activation_checkpointing=t.activation_checkpointing, compile=t.compile,
-                        ac_policy=t.ac_policy, ac_every=t.ac_every)
-            self.model.init_weights(t.seed, device=self.runtime.init_device)
-            if self.runtime.init_device != self.runtime.device:
-                self.model.to(self.runtime.device)  # XLA: initialised on CPU, then moved (devices/xla.py)
-            self.optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
-            meshes = getattr(self.model, "meshes", None)
-            self.reduce_counts = (make_count_reducer(meshes.dp_group) if meshes is not None and self.ctx.distributed
-                                  else None)
+        self.engine = build_engine(self.model, cfg, self.ctx, self.runtime, self.micro, self.n_micro)
+        self.model, self.optimizer = self.engine.model, self.engine.optimizer
         # When this rank reaches the model (and so FSDP's first all-gather) in a step: the straggler
         # detector's measure of how late it arrives (prepend: before FSDP's own pre-forward hook).
         self._fwd_enter = None
@@ -84,41 +69,12 @@ class Trainer:
         self.cost = self.acct.meter
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
 
-    def _build_deepspeed(self) -> None:
-        """ZeRO around our model and optimizer: the full model is materialised from the seed on every
-        rank (as FSDP2's would be), then DeepSpeed partitions it (docs/backends.md)."""
-        from parallelism.deepspeed_engine import deepspeed_config, initialize
-        from parallelism.expert_parallel import make_count_reducer
-        from parallelism.parallelize import apply_activation_checkpointing
-        from train.deepspeed_step import deepspeed_train_step
-
-        cfg, t = self.cfg, self.cfg.trainer
-        if t.activation_checkpointing:
-            apply_activation_checkpointing(self.model, t.ac_policy, t.ac_every)
-        self.model.init_weights(t.seed, device=self.runtime.device)
-        optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
-        config = deepspeed_config(cfg.parallel.deepspeed, global_batch_size=t.global_batch_size,
-                                  micro_batch_size=self.micro, grad_accum=self.n_micro, grad_clip=t.grad_clip,
-                                  bf16=self.runtime.amp_dtype == torch.bfloat16)
-        self.engine, self.optimizer = initialize(self.model, optimizer, config, self.runtime.device_type,
-                                                 cfg.parallel.backend, self.ctx.local_rank)
-        self.model = self.engine.module  # hooks, routing stats, evaluation: our Transformer
-        self.step_fn = deepspeed_train_step
-        # Every rank is data-parallel: expert-load counts are summed over the whole world.
-        self.reduce_counts = make_count_reducer(None) if self.ctx.distributed else None
-
     def _ckpt_base(self) -> str:
         # <checkpoint.root>/<run_name>/step_N; root defaults to the parent of the run directory.
         return self.cfg.checkpoint.root or os.path.dirname(os.path.abspath(self.run_dir))
 
     def _state(self):
-        if self.engine is not None:  # DeepSpeed's own files, inside our step directory
-            from checkpointing.engine_state import DeepSpeedState
-
-            return DeepSpeedState(self.engine, self.ctx.rank, self.ctx.world_size)
-        from checkpointing.state import AppState
-
-        return {"app": AppState(self.model, self.optimizer)}
+        return self.engine.checkpoint_state()
 
     def _trainer_state(self) -> dict:
         return {
@@ -218,11 +174,10 @@ class Trainer:
             self._fwd_enter = None
             _inject_delay(cfg.health, self.ctx.rank, self.step + 1)
             with self.hr.grace(FIRST_STEP_GRACE_S if first else 0.0):
-                result = self.step_fn(self.model if self.engine is None else self.engine, self.optimizer,
-                                      iter(batches), self.n_micro, self.runtime,
-                                      t.grad_clip, cfg.model.moe.bias_update_rate, self.reduce_counts,
-                                      before_optimizer_step=self.ckpt.wait, guard=self.hr.nan_guard.check,
-                                      poison=(self.step + 1) in inject)
+                result = self.engine.step(StepInputs(iter(batches), self.n_micro,
+                                                     before_optimizer_step=self.ckpt.wait,
+                                                     guard=self.hr.nan_guard.check,
+                                                     poison=(self.step + 1) in inject))
             first = False
             step_s = time.perf_counter() - t_step
             if result.verdict == "rollback":
@@ -250,7 +205,8 @@ class Trainer:
             val_loss, early = None, None
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                 t_eval = time.perf_counter()
-                val_loss = evaluate(self.model, val_batches, self.runtime, self.ctx.distributed)
+                val_loss = evaluate(self.model, val_batches, self.runtime, self.ctx.distributed,
+                                    compiled_loss=self.engine.compiled_loss)
                 early = self._early_stop(val_loss)
                 window["t0"] += time.perf_counter() - t_eval  # evaluation is not training throughput
                 self.acct.on_eval(time.perf_counter() - t_eval)

@@ -7,7 +7,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from checkpointing import ModelState, OptimState
+from checkpointing import AppState
 from checkpointing.config import CheckpointConfig
 
 
@@ -45,8 +45,7 @@ def train_steps(model, opt, n: int, seed: int = 1) -> None:
 
 
 def state_of(model, opt) -> Dict[str, Any]:
-    return {"model": ModelState(model), "optim": OptimState(model, opt),
-            "extra": {"rng": torch.get_rng_state()}}
+    return {"app": AppState(model, opt), "extra": {"rng": torch.get_rng_state()}}
 
 
 def assert_same(model_a, opt_a, model_b, opt_b) -> None:
