@@ -206,9 +206,11 @@ class RunAccounting:
     def __init__(self, cluster: ClusterConfig, cost_cfg: CostConfig, run_dir: str,
                  start_time: float, *,
                  rank: int = 0, clock: Callable[[], float] = time.time,
-                 hooks: Sequence[Callable[[str, str], None]] = ()):
+                 hooks: Sequence[Callable[[str, str], None]] = (),
+                 rate_usd_per_hour: Optional[float] = None):
         self.cfg, self.run_dir, self.clock = cost_cfg, run_dir, clock
-        self.meter = CostMeter.from_config(cluster, cost_cfg, start_time=start_time)
+        self.meter = CostMeter.from_config(cluster, cost_cfg, start_time=start_time,
+                                           rate_usd_per_hour=rate_usd_per_hour)
         self.ledger = GoodputLedger()
         self.budget = Budget.from_config(cost_cfg, hooks)
         self.heartbeat = Heartbeat(run_dir, cost_cfg.heartbeat_every_s, enabled=rank == 0)
@@ -304,6 +306,7 @@ class RunAccounting:
         """Cost fields of the metric line plus ``goodput/*`` keys for JSONL/W&B."""
         now = self.clock()
         out: Dict[str, Any] = dict(self.meter.metrics(tokens, now))
+        out["nodes"] = self.meter.current.get("nodes")  # nodes billed: metric line and JSONL
         out.update(self.ledger.metrics(self.meter.elapsed_paid_s(now)))
         return out
 

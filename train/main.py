@@ -80,6 +80,11 @@ def run(cfg: TrainConfig) -> int:
 
     start_time = process_start_time()  # interpreter start and imports are billed too
     validate_train_config(cfg)  # before any process group or allocation
+    from cost.nodes import check_nodes, launched_topology
+
+    nodes_error = check_nodes(cfg.cluster.nodes, launched_topology())
+    if nodes_error:  # every rank reads the same launcher variables: all stop here together
+        raise ConfigError(nodes_error)
     from health.runtime import HealthRuntime
     from parallelism.efa import apply_efa_env, versions_report
     from parallelism.process_group import apply_slurm_env

@@ -4,7 +4,7 @@ The line (docs/ARCHITECTURE.md, "Contracts") is stable and regex-friendly; launc
 monitoring match it, so fields keep their order and formats:
 
     step=120 loss=3.4512 lr=3.00e-04 tok/s=18234 tok/s/gpu=9117 mfu=41.2% mem=12.3GiB \
-$/Mtok=0.412 spent=$1.23 eta=0:12:34 tok/$=2427184 val_loss=3.5012 data_wait=1.5%
+$/Mtok=0.412 spent=$1.23 eta=0:12:34 tok/$=2427184 val_loss=3.5012 data_wait=1.5% nodes=2
 
 =========  ================  ======================================  =====================
 field      metrics dict key  format                                  unit in the dict
@@ -22,6 +22,7 @@ eta        eta_s             ``H:MM:SS`` (hours may exceed 24)       seconds
 tok/$      tok_per_usd       integer (optional)                      tokens per $
 val_loss   val_loss          4 decimals (optional)                   nats/token
 data_wait  data_wait         1 decimal + ``%`` (optional)            fraction of step time
+nodes      nodes             integer (optional)                      nodes billed
 =========  ================  ======================================  =====================
 
 The first ten fields are always present; an unknown value prints ``n/a`` (MFU on a CPU, $/Mtok
@@ -103,6 +104,7 @@ _OPTIONAL = (
     ("val_loss", "val_loss", lambda v: _fmt_fixed(v, 4), float),
     ("data_wait", "data_wait", lambda v: _fmt_fixed(v, 1, "%", scale=100.0),
      lambda t: float(t[:-1]) / 100.0),
+    ("nodes", "nodes", lambda v: str(int(v)), int),  # nodes billed (cost/nodes.py)
 )
 LINE_FIELDS = tuple(name for name, *_ in _REQUIRED + _OPTIONAL)
 LINE_KEYS = tuple(key for _, key, *_ in _REQUIRED + _OPTIONAL)
@@ -120,6 +122,7 @@ METRIC_LINE_PATTERN = (
     rf"(?: tok/\$=(?P<tok_per_usd>{_V}))?"
     rf"(?: val_loss=(?P<val_loss>{_V}))?"
     rf"(?: data_wait=(?P<data_wait>{_V}))?"
+    rf"(?: nodes=(?P<nodes>{_V}))?"
     r"\s*$"
 )
 METRIC_LINE_RE = re.compile(METRIC_LINE_PATTERN)

@@ -59,13 +59,16 @@ class Trainer:
         self.model.register_forward_pre_hook(self._mark_forward, prepend=True)
         self.ckpt = CheckpointManager(cfg.checkpoint, self._ckpt_base(), self.run_name, rank=self.ctx.rank,
                                       world_size=self.ctx.world_size, process_group=self.ctx.control_group)
-        from health.imds import ImdsClient
-        from cost.pricing import resolve_cluster
+        from cost.node_pricing import price_this_run
 
-        # On EC2, IMDS names the instance type and spot/on-demand, which pick the catalog price.
-        imds = ImdsClient(cfg.health.imds_endpoint, timeout_s=cfg.health.imds_timeout_s)
-        self.cluster = resolve_cluster(cfg.cluster, cfg.cost, imds)
-        self.acct = RunAccounting(self.cluster, cfg.cost, self.run_dir, self.start_time, rank=self.ctx.rank)
+        # Each node prices itself (its own IMDS or cluster), one all-gather sums them (cost/nodes.py).
+        self.cluster, rate, error = price_this_run(cfg.cluster, cfg.cost, cfg.health, self.ctx)
+        if error:  # the same on every rank (from the gathered prices): all exit 2 together
+            from moe.config import ConfigError
+
+            raise ConfigError(error)
+        self.acct = RunAccounting(self.cluster, cfg.cost, self.run_dir, self.start_time, rank=self.ctx.rank,
+                                  rate_usd_per_hour=rate)
         self.cost = self.acct.meter
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
 
