@@ -35,3 +35,4 @@ class HealthConfig:
     fault_inject_rank: int = 0  # the rank that hangs or straggles below
     fault_inject_hang_step: int = 0  # that rank sleeps forever before this step (0 = off)
     fault_inject_slow_s: float = 0.0  # that rank sleeps this long every step (a straggler)
+    fault_inject_raise_step: int = 0  # that rank raises RuntimeError before this step (0 = off)

@@ -101,9 +101,13 @@ def run(cfg: TrainConfig) -> int:
     # Neuron compiler/cache/runtime variables: read when torch_xla is imported, so before that.
     xla_env = apply_xla_env(recommended_xla_env(cfg.trainer.device, cfg.neuron, directory, local_rank))
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, local_rank)
-    ctx = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, runtime.device_type)
+    ctx = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, runtime.device_type,
+                           cfg.parallel.init_timeout_s, on_init_timeout=lambda msg: _init_timeout_record(health, msg))
     health.group = ctx.control_group
-    code, trainer = ExitCode.CRASH, None
+    from health.fail_together import FailTogether
+
+    together = FailTogether(ctx.store, ctx.rank, directory).start()  # one rank raises: all leave, fast
+    code, trainer, reason, failed = ExitCode.CRASH, None, "", False
     try:
         setup_logging(directory, ctx.rank)
         if ctx.is_main:
@@ -126,13 +130,22 @@ def run(cfg: TrainConfig) -> int:
     except ConfigError:
         code = ExitCode.CONFIG_ERROR
         raise
-    except Exception:
+    except Exception as e:
         log.exception("training crashed")
-        code = ExitCode.CRASH
+        code, failed = ExitCode.CRASH, True
+        reason = together.reason(together.fail(e))  # the first failure of any rank, named
+        log.error("exit %d: %s", code, reason)
         return code
     finally:
+        together.stop()
         health.shutdown()
-        health.exit(code, "")  # torchrun reports 1 for any failure: the record keeps the real code
-        shutdown()
+        health.exit(code, reason)  # torchrun reports 1 for any failure: the record keeps the real code
+        if not (failed and ctx.distributed):  # after a failure a teardown can block on a peer: leave
+            shutdown()
         if trainer is not None:
             trainer.finish(code)
+
+
+def _init_timeout_record(health, message: str) -> None:
+    os.makedirs(health.run_dir, exist_ok=True)
+    health.exit(ExitCode.CRASH, message)

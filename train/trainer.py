@@ -352,6 +352,9 @@ def _inject_delay(h, rank: int, step: int) -> None:
         return
     if h.fault_inject_slow_s > 0:
         time.sleep(h.fault_inject_slow_s)
+    if h.fault_inject_raise_step and step == h.fault_inject_raise_step:
+        raise RuntimeError(f"fault injection: rank {rank} raises before step {step} "
+                           f"(health.fault_inject_raise_step={step})")
     if h.fault_inject_hang_step and step == h.fault_inject_hang_step:
         log.warning("fault injection: rank %d hangs before step %d", rank, step)
         while True:
