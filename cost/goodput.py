@@ -222,9 +222,12 @@ class RunAccounting:
 
     # -- start --------------------------------------------------------------------------------
 
-    def resume(self, trainer_state: Optional[Dict[str, Any]], step: int) -> ResumeInfo:
-        """After build/resume (``trainer_state`` None on a fresh start): continue every total."""
-        hb = read_heartbeat(self.run_dir)
+    def resume(self, trainer_state: Optional[Dict[str, Any]], step: int,
+               heartbeat: Any = "read") -> ResumeInfo:
+        """After build/resume (``trainer_state`` None on a fresh start): continue every total.
+        ``heartbeat``: the heartbeat as rank 0 read it before anyone wrote (train/agree.py; None:
+        there is none); by default this process reads it itself (one process, tests)."""
+        hb = read_heartbeat(self.run_dir) if heartbeat == "read" else heartbeat
         info = resume_accounting(self.meter, self.ledger, trainer_state, hb, step)
         fired, stopped = set(), None
         for src in ((trainer_state or {}).get("budget"), (hb or {}).get("budget")):  # hb is newer
