@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from checkpointing import _dcp, commit, layout, resume, retention
 from checkpointing.engine_state import EngineState, check_files
-from checkpointing.errors import CheckpointError, ConfigError
+from checkpointing.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from checkpointing.storage import Storage
 from checkpointing.upload import Uploader
 
@@ -298,6 +298,16 @@ class CheckpointManager:
         errors = self._all_errors("; ".join(problems) if problems else None)
         if errors:
             raise CheckpointError(f"{state.format} checkpoint {path} is damaged: " + "; ".join(errors))
+        refusal = None
+        try:
+            state.check_safe(st.native(path))
+        except CheckpointError as e:
+            refusal = {"unsafe": isinstance(e, UnsafeCheckpointError), "error": str(e)}
+        refusals = [r for r in self._gather(refusal) if r]
+        if refusals:  # every rank raises, before any collective inside the engine's load
+            kind = UnsafeCheckpointError if any(r["unsafe"] for r in refusals) else CheckpointError
+            raise kind(f"{state.format} checkpoint {path} refused: " + "; ".join(
+                sorted({r["error"] for r in refusals})))
         state.load(st.native(path), meta)
 
     def _start_async(self, path, step, plain, writer, full_meta, trainer_state, t0) -> SaveResult:
@@ -362,6 +372,14 @@ class CheckpointManager:
             return {"committed": False, "error": None}
         except Exception as e:  # noqa: BLE001 - raised on every rank by the caller
             return {"committed": False, "error": f"{type(e).__name__}: {e}"}
+
+    def _gather(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj`` on every rank (``[obj]`` without a process group)."""
+        if not self._distributed:
+            return [obj]
+        gathered: List[Any] = [None] * dist.get_world_size(self.process_group)
+        dist.all_gather_object(gathered, obj, group=self.process_group)
+        return gathered
 
     def _all_errors(self, error: Optional[str]) -> List[str]:
         """Barrier that also tells rank 0 whether any rank failed to write its shards."""
@@ -455,6 +473,9 @@ class CheckpointManager:
         except CheckpointError:
             raise
         except _dcp.ERRORS as e:
+            unsafe = _dcp.unsafe_failure(e)
+            if unsafe is not None:
+                raise UnsafeCheckpointError(f"loading checkpoint {path} refused: {unsafe}") from None
             raise CheckpointError(f"loading checkpoint {path} failed: {_dcp.describe(e)}") from e
         meta["trainer_state"] = trainer_state
         meta["path"] = path
@@ -497,6 +518,8 @@ class CheckpointManager:
         for path in candidates:
             try:
                 meta = self.load(path, state)
+            except UnsafeCheckpointError:
+                raise  # a crafted file: stop for a person to look, never fall back past it
             except CheckpointError as e:
                 log.warning("skipping checkpoint %s: %s; trying the next older one", path, e)
                 failures.append(str(e))
