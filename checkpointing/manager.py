@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from checkpointing import _dcp, commit, layout, resume, retention
+from checkpointing import _dcp, commit, layout, resume, retention, urls
 from checkpointing.engine_state import EngineState, check_files
 from checkpointing.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from checkpointing.storage import Storage
@@ -76,10 +76,12 @@ def validate_checkpoint_config(cfg: Any) -> None:
     on_error = getattr(cfg, "on_save_error", "stop")
     if on_error not in ON_SAVE_ERROR:
         raise ConfigError(f"checkpoint.on_save_error={on_error!r} must be one of {', '.join(ON_SAVE_ERROR)}")
+    urls.check_url("checkpoint.root", cfg.root or "")
+    if "://" in (cfg.resume or ""):
+        urls.check_url("checkpoint.resume", cfg.resume)
     upload_root = getattr(cfg, "upload_root", "") or ""
-    if upload_root and "://" not in upload_root:
-        raise ConfigError(f"checkpoint.upload_root={upload_root!r} must be a URL such as "
-                          "s3://bucket/prefix (or empty for one tier)")
+    if upload_root:
+        urls.check_url("checkpoint.upload_root", upload_root, remote_only=True)
     if upload_root and "://" in (cfg.root or ""):
         raise ConfigError(f"checkpoint.upload_root is set but checkpoint.root={cfg.root!r} is already "
                           "remote: two tiers means a local (or FSx) root plus an s3:// upload_root")
