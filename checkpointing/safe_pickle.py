@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import pickle
 import re
-from typing import IO, Iterable, Optional
+from typing import IO, Iterable, Set, Tuple
 
 import torch
 
@@ -101,15 +101,16 @@ def load_dcp_metadata(stream: IO[bytes], where: str):
     return obj
 
 
-def _resolve(qualnames: Iterable[str]) -> list:
-    out = []
+def _resolve(qualnames: Iterable[str]) -> Tuple[list, Set[str]]:
+    """The objects named by ``qualnames``, and the names that could not be imported here."""
+    out, missing = [], set()
     for q in qualnames:
         module, _, name = q.rpartition(".")
         try:
             out.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
-            continue  # another version of the package: a file referencing it is refused instead
-    return out
+            missing.add(q)  # not installed, or another version: a file referencing it cannot be vetted
+    return out, missing
 
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # torch names the refused global in two wordings
@@ -130,7 +131,7 @@ def check_torch_file(path: str, where: str, extra_globals: Iterable[str] = ()) -
     ``extra_globals``, dotted names), memory-mapping the tensor data so only the pickle itself is
     read. UnsafeCheckpointError naming ``where`` and the refused global when it references
     anything else; CheckpointError when it is not a readable torch file."""
-    allowed = _resolve(extra_globals)
+    allowed, missing = _resolve(extra_globals)
     with torch.serialization.safe_globals(allowed):
         try:
             try:
@@ -141,6 +142,9 @@ def check_torch_file(path: str, where: str, extra_globals: Iterable[str] = ()) -
                 torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             found = _GLOBAL.search(str(e))
+            if found and found.group(1) in missing:
+                raise CheckpointError(f"{where} holds {found.group(1)}, which cannot be imported here: "
+                                      "install the package that wrote it to check and load the file") from None
             what = (f"references {found.group(1)}, which a checkpoint never holds" if found
                     else f"is refused by weights_only loading ({_reason(str(e))})")
             raise UnsafeCheckpointError(f"{where} {what}: refused to load it, so nothing in it ran") from None

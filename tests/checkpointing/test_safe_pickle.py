@@ -166,3 +166,25 @@ def test_engine_load_checks_files_before_the_engine_reads_them(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match=r"toy checkpoint .* refused: engine/w.pt references posix"):
         mgr.load_latest(Engine())
     assert not Engine.loaded and not marker.exists()
+
+
+def test_a_class_that_cannot_be_imported_here_is_not_called_crafted(tmp_path, monkeypatch):
+    """``verify`` of a DeepSpeed checkpoint on a machine without DeepSpeed: the file cannot be
+    vetted (CheckpointError saying what to install), which is not the same as crafted."""
+    import importlib
+    import sys
+
+    pkg = tmp_path / "gone_pkg_f17"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "scaler.py").write_text("class Scaler:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scaler = importlib.import_module("gone_pkg_f17.scaler").Scaler
+    path = tmp_path / "optim_states.pt"
+    torch.save({"loss_scaler": scaler(), "w": torch.ones(2)}, path)
+    monkeypatch.delitem(sys.modules, "gone_pkg_f17.scaler")
+    monkeypatch.delitem(sys.modules, "gone_pkg_f17")
+    (pkg / "scaler.py").unlink()
+    with pytest.raises(CheckpointError, match="holds gone_pkg_f17.scaler.Scaler, which cannot be imported here") as e:
+        safe_pickle.check_torch_file(str(path), "optim_states.pt", ["gone_pkg_f17.scaler.Scaler"])
+    assert not isinstance(e.value, UnsafeCheckpointError)
