@@ -59,22 +59,24 @@ def _adam_like(optimizer: Any) -> bool:
 
 
 def estimate_state_bytes(state: Mapping[str, Any]) -> int:
-    """What the state will take on disk, without calling ``state_dict()`` (start-up: before the
-    first step an optimizer has no state yet, and building it would change the run). Stateful
-    wrappers that hold ``model``/``optimizer`` count parameters and buffers, plus the optimizer's
-    tensors, or two fp32 moments per parameter for an Adam-family optimizer not yet stepped;
-    anything else counts its tensors."""
-    total = 0
+    """What the state will take on disk, without calling ``state_dict()`` (that runs before the
+    save's first collective, and at start-up an optimizer has no state yet: building it would
+    change the run). Stateful wrappers holding ``model``/``optimizer`` (AppState) count each model's
+    parameters and buffers once, and each optimizer's tensors once, or two fp32 moments per
+    parameter for an Adam-family optimizer not yet stepped; tensors elsewhere count as they are."""
+    total, seen = 0, set()
     for value in state.values():
         model, optimizer = getattr(value, "model", None), getattr(value, "optimizer", None)
-        if isinstance(model, torch.nn.Module):
+        if isinstance(model, torch.nn.Module) and id(model) not in seen:
+            seen.add(id(model))
             total += tensor_bytes(dict(model.state_dict()))
-            if optimizer is not None:
-                moments = tensor_bytes([dict(s) for s in optimizer.state.values()])
-                if not moments and _adam_like(optimizer):
-                    moments = 2 * sum(p.numel() * 4 for p in model.parameters())
-                total += moments
-        elif isinstance(value, (torch.Tensor, Mapping, list, tuple)):
+        if isinstance(optimizer, torch.optim.Optimizer) and id(optimizer) not in seen:
+            seen.add(id(optimizer))
+            moments = tensor_bytes([dict(s) for s in optimizer.state.values()])
+            if not moments and _adam_like(optimizer):
+                moments = 2 * sum(p.numel() * 4 for g in optimizer.param_groups for p in g["params"])
+            total += moments
+        if isinstance(value, (torch.Tensor, Mapping, list, tuple)):
             total += tensor_bytes(value)
     return total
 

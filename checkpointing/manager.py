@@ -223,6 +223,17 @@ class CheckpointManager:
               trainer_state: Optional[Mapping[str, Any]], t0: float) -> SaveResult:
         path = self.step_path(step)
         engine = isinstance(state, EngineState)  # the engine writes its own format (DeepSpeed)
+        # rank 0 sizes the checkpoint (before the first save and each one after) against free space
+        need = None
+        if self.rank == 0:
+            need = (disk_space.newest_size(self.storage, self.run_dir) if engine
+                    else disk_space.estimate_state_bytes(state))
+        prep = self._broadcast_from_0(self._prepare_step_dir(path, need) if self.rank == 0 else None)
+        if prep["error"]:
+            raise CheckpointError(f"saving checkpoint {path} failed before writing: {prep['error']}")
+        if prep["committed"]:
+            log.info("checkpoint %s is already committed; not saving it again", path)
+            return SaveResult(path, step, 0.0, -1, committed=True, mode=self._async_mode)
         if engine:
             self._check_engine_target(state)
         else:
@@ -233,16 +244,6 @@ class CheckpointManager:
             except _dcp.ERRORS as e:
                 raise CheckpointError(f"saving checkpoint {path} failed reading the state: "
                                       f"{_dcp.describe(e)}") from e
-        # rank 0 sizes the checkpoint (before the first save and each one after) against free space
-        need = None
-        if self.rank == 0:
-            need = disk_space.newest_size(self.storage, self.run_dir) if engine else disk_space.tensor_bytes(plain)
-        prep = self._broadcast_from_0(self._prepare_step_dir(path, need) if self.rank == 0 else None)
-        if prep["error"]:
-            raise CheckpointError(f"saving checkpoint {path} failed before writing: {prep['error']}")
-        if prep["committed"]:
-            log.info("checkpoint %s is already committed; not saving it again", path)
-            return SaveResult(path, step, 0.0, -1, committed=True, mode=self._async_mode)
         full_meta = layout.build_meta(step, self.world_size, meta or {})
         trainer_state = dict(trainer_state or {})
         if not engine:
