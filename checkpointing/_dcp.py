@@ -29,11 +29,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 from checkpointing import safe_pickle
 from checkpointing.errors import UnsafeCheckpointError
 from checkpointing.orphan_guard import ParentWatchingMixin
+from compat.torch_compat import dcp_metadata_path, fsspec_reader_writer
 
-try:  # public name since 2.3, but keep the import failure explicit rather than an AttributeError later
-    from torch.distributed.checkpoint import FsspecReader, FsspecWriter
-except ImportError:  # pragma: no cover - older layouts
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+FsspecReader, FsspecWriter = fsspec_reader_writer()
 
 # DCP's CheckpointException derives from BaseException: ``except Exception`` does not catch it.
 ERRORS = (Exception, CheckpointException)
@@ -85,10 +83,7 @@ class _SafeMetadataMixin:
         return metadata
 
     def _read_metadata_file(self, rank: Optional[int]):
-        if hasattr(self, "_get_metadata_path"):  # rank-local metadata files arrived with this helper
-            path = self._get_metadata_path(rank)
-        else:  # pragma: no cover - older DCP: one .metadata per checkpoint
-            path = self.fs.concat_path(self.path, ".metadata")
+        path = dcp_metadata_path(self, rank)
         name = str(path).rsplit("/", 1)[-1]
         where = f"{self._where.rstrip('/')}/{name}" if self._where else str(path)
         with self.fs.create_stream(path, "rb") as stream:
