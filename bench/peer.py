@@ -1,19 +1,30 @@
-"""The Hugging Face transformers peer of a preset: the same geometry, built from our ModelConfig.
+"""The Hugging Face transformers peer of a preset: the same geometry, built from our ModelConfig,
+and trained the way its users train it.
 
 - dense GQA (llama_1b)          -> ``LlamaForCausalLM``, config from ``checkpointing.export.llama_config``
 - MLA + MoE (dsv3_mini)         -> ``DeepseekV3ForCausalLM``, from ``deepseek_v3_config``
 - Gemma-3 style (gemma3_swa_1b) -> ``Gemma3ForCausalLM`` / ``Gemma3TextConfig``, from
   :func:`gemma3_text_config` below (export refuses sliding windows; a benchmark only needs shapes).
 
-``attn_implementation="sdpa"``; routed experts ask for transformers' grouped-GEMM experts
-(``experts_implementation="grouped_mm"``, a ``from_config`` keyword in transformers 5.x: read in
-the 5.17.0 and 5.23.0 sources). If that request raises, the model is built with the default and
-the reason is recorded, never hidden. transformers is imported inside the functions, so
-``python -m bench`` neither needs it nor pays for importing it.
+The recipe (issue 19; what a user of transformers writes): ``AutoModelForCausalLM.from_config(conf,
+attn_implementation="sdpa", experts_implementation="grouped_mm")`` with fp32 weights,
+``torch.compile(model)`` on the WHOLE model (embedding, layers, head and transformers' own loss in
+one graph), bf16 autocast, ``torch.optim.AdamW(..., fused=True)``, ``model(input_ids=x, labels=x)``
+(the model shifts the labels itself). :func:`peer_recipe` builds exactly that; ``compare`` times it.
+
+Why the earlier peer was 2-3x slower on the MoE (issue 19, measured in docs/PERFORMANCE.md): it
+compiled each decoder layer on its own (``layer.compile()``, as our ``compile_blocks``), not the
+model; see ``compile_layers`` (kept only as the ``peer_layer_compiled`` diagnostic variant).
+
+``experts_implementation`` is a ``from_config`` keyword in transformers 5.x (read in the 5.17.0
+and 5.23.0 sources). If that request raises, the model is built with the default and the reason
+is recorded, never hidden. transformers is imported inside the functions, so ``python -m bench``
+neither needs it nor pays for importing it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
 import torch
@@ -145,13 +156,51 @@ def build_peer(cfg: ModelConfig, device: torch.device,
 
 
 def compile_layers(model: torch.nn.Module) -> None:
-    """``torch.compile`` on each decoder layer, in place (as our ``compile_blocks``)."""
+    """``torch.compile`` on each decoder layer, in place: the old peer's build, kept only as the
+    ``peer_layer_compiled`` diagnostic (no user of transformers compiles this way)."""
     for layer in model.model.layers:
         layer.compile()
 
 
 def peer_logits(model: torch.nn.Module, inputs_BT: torch.Tensor) -> torch.Tensor:
     return model(input_ids=inputs_BT, use_cache=False).logits
+
+
+@dataclass
+class PeerRecipe:
+    model: torch.nn.Module  # the CausalLM itself (parameters, state dict)
+    forward: torch.nn.Module  # what the step calls: torch.compile(model) or the model
+    optimizer: torch.optim.Optimizer
+    info: Dict[str, Any]
+
+
+def peer_recipe(cfg: ModelConfig, device: torch.device, compile: bool, lr: float = 3e-4,
+                layer_compile: bool = False) -> PeerRecipe:
+    """The peer as its users build it: fp32 weights from ``from_config``, ``torch.compile(model)``
+    on the whole model when ``compile``, and a plain fused AdamW over all parameters (fused on
+    CUDA; CPU has no fused kernel for every dtype we test with, so foreach there).
+    ``layer_compile=True`` is the old per-layer build (diagnostic only)."""
+    model, info = build_peer(cfg, device)
+    forward: torch.nn.Module = model
+    if layer_compile:
+        compile_layers(model)
+        info["compile"] = "per decoder layer (diagnostic)"
+    elif compile:
+        forward = torch.compile(model)
+        info["compile"] = "torch.compile(model), whole model"
+    else:
+        info["compile"] = "none"
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=fused, foreach=None if fused else True)
+    info["optimizer"] = f"torch.optim.AdamW(fused={fused})"
+    return PeerRecipe(model, forward, opt, info)
+
+
+def peer_loss(forward: torch.nn.Module, inputs_BT: torch.Tensor) -> torch.Tensor:
+    """transformers' own causal-LM loss: ``labels=input_ids``, shifted inside the model, logits
+    upcast to fp32 (``ForCausalLMLoss``)."""
+    return forward(input_ids=inputs_BT, labels=inputs_BT, use_cache=False).loss
 
 
 def n_params(model: torch.nn.Module) -> int:
