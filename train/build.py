@@ -60,4 +60,19 @@ def resolve_runtime(device: str, precision: str, local_rank: int = 0) -> Runtime
         # bf16 autocast on GPU; fp32 on CPU keeps the embedded default exact and portable
         # (bf16 is fast only on CPUs with AMX).
         precision = "bf16" if dev.type == "cuda" else "fp32"
-    return Runtime(dev, torch.bfloat16 if precision == "bf16" else None)
+    # fp8: bf16 autocast around the fp8 modules (model/fp8.py); the rest of the step is bf16's.
+    return Runtime(dev, torch.bfloat16 if precision in ("bf16", "fp8") else None)
+
+
+def convert_precision(model: torch.nn.Module, trainer_cfg: Any, device: torch.device, world_size: int):
+    """``trainer.precision=fp8``: the fp8 surgery (model/fp8.py) on the meta-built model, before
+    ``parallelize``; returns its report (None for other precisions). FSDP2 all-gathers the fp8
+    weights in fp8 where torchao supports it (tensorwise, more than one rank)."""
+    if trainer_cfg.precision != "fp8":
+        return None
+    from model.fp8 import convert_to_fp8
+    from model.torch_compat import cuda_capability
+
+    capability = cuda_capability(device) if device.type == "cuda" else None
+    return convert_to_fp8(model, trainer_cfg.fp8, capability=capability,
+                          fsdp_float8_all_gather=world_size > 1)

@@ -11,7 +11,7 @@ import torch
 from model.flops import flops_per_token, matmul_params, total_params
 from model.transformer import Transformer
 from moe.balance import routing_stats
-from train.build import Runtime
+from train.build import Runtime, convert_precision
 from train.config import TrainConfig
 from train.exit_codes import EXIT_BUDGET, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED
 from train.optim import build_optimizer, lr_at, set_lr
@@ -56,6 +56,9 @@ class Trainer:
         if cfg.parallel.engine == "deepspeed":
             self._build_deepspeed()
         else:
+            fp8 = convert_precision(self.model, t, self.runtime.device, self.ctx.world_size)
+            if fp8 is not None and self.ctx.is_main:
+                log.info("%s; kept in bf16: %s", fp8.summary(), sorted(set(fp8.kept.values())))
             fsdp_bf16 = self.ctx.world_size > 1 and self.runtime.amp_dtype is not None
             parallelize(self.model, cfg.parallel, self.ctx, self.runtime.device_type,
                         param_dtype=self.runtime.amp_dtype if fsdp_bf16 else None,
@@ -354,7 +357,8 @@ class Trainer:
         log.info("run %s: model %s (%.2fM params, %.2fM active), %s, device %s%s, world size %d",
                  self.run_name, cfg.model.name, total_params(cfg.model) / 1e6,
                  matmul_params(cfg.model) / 1e6, self.data_info.get("description", cfg.data.source),
-                 self.runtime.device, " bf16" if self.runtime.amp_dtype else " fp32", self.ctx.world_size)
+                 self.runtime.device, f" {cfg.trainer.precision}" if cfg.trainer.precision == "fp8"
+                 else " bf16" if self.runtime.amp_dtype else " fp32", self.ctx.world_size)
         log.info("run directory: %s (metrics.jsonl, config.yaml, rank*.log, step_* checkpoints)", self.run_dir)
 
     def _log(self, result, val_loss, window, tokens_per_step) -> None:
