@@ -52,7 +52,7 @@ DATASHEET_TFLOPS = 989.0  # dense bf16, H100 SXM / H200
 # Profiler keys worth naming: which attention and grouped-GEMM kernels (or fallbacks) ran.
 # "f32f32"/"tf32" name cuBLAS GEMMs that run in fp32 (an expert path that left bf16).
 KERNEL_PATTERNS = ("grouped_mm", "scaled_dot_product", "flash", "efficient_attention", "cudnn_attention",
-                   "flex", "f32f32", "tf32")
+                   "flex", "f32f32", "tf32", "sgemm")
 
 
 def _args(argv):

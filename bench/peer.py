@@ -139,6 +139,8 @@ def build_peer(cfg: ModelConfig, device: torch.device,
     if type(model).__name__ != cls_name:
         raise PeerConfigError(f"AutoModelForCausalLM built {type(model).__name__}, expected {cls_name}")
     model.train()
+    # fp32 GEMMs (fp32 experts) run on TF32 tensor cores only if the user opts in; record it.
+    info["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
     info["attn_implementation"] = model.config._attn_implementation
     types = getattr(model.config, "layer_types", None)
     if types and len(set(types)) > 1:

@@ -52,9 +52,10 @@ class Fp8Report:
     kept: Dict[str, str] = field(default_factory=dict)  # still bf16, with the reason
     experts_fp8: List[str] = field(default_factory=list)  # GroupedExperts on the fp8 grouped GEMM
     experts_kept: Dict[str, str] = field(default_factory=dict)
+    torchao: str = ""  # torchao's version
 
     def summary(self) -> str:
-        return (f"fp8: {len(self.converted)} linears converted, {len(self.kept)} kept in bf16, "
+        return (f"fp8 (torchao {self.torchao}): {len(self.converted)} linears converted, {len(self.kept)} kept in bf16, "
                 f"{len(self.experts_fp8)} expert groups on the fp8 grouped GEMM"
                 + (f", {len(self.experts_kept)} kept ({next(iter(self.experts_kept.values()))})"
                    if self.experts_kept else ""))
@@ -124,7 +125,9 @@ def convert_to_fp8(model: nn.Module, cfg: Fp8Config, capability: Optional[Tuple[
     from moe.experts import GroupedExperts
     from moe.fp8_experts import torchao_fp8_grouped_mm
 
-    report = Fp8Report()
+    import torchao
+
+    report = Fp8Report(torchao=torchao.__version__)
     for fqn, module in model.named_modules():
         if isinstance(module, nn.Linear):
             reason = keep_reason(fqn, module, cfg.recipe)
