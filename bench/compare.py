@@ -2,10 +2,10 @@
 process, on the same device and batch.
 
     python -m bench compare --model {llama_1b|dsv3_mini|gemma3_swa_1b} --seq 2048 --batch 4 \\
-        [--variants ours,ours_compiled,peer,peer_compiled] [--split] --out DIR
+        [--variants ours,ours_compiled,peer,peer_compiled] [--peer-tf32 on|off] [--split] --out DIR
     python -m bench compare --model dsv3_mini --tiny --out DIR      # CPU: shrunk geometry, fp32
 
-A step is forward + backward + gradient clipping (1.0) + AdamW step + zero_grad, bf16 autocast
+Our step is forward + backward + gradient clipping (1.0) + AdamW step + zero_grad, bf16 autocast
 over fp32 master parameters on a GPU (fp32 on CPU), random tokens from a fixed generator, targets
 the tokens shifted by one, loss = cross-entropy in fp32 on the logits:
 
@@ -16,7 +16,8 @@ the tokens shifted by one, loss = cross-entropy in fp32 on the logits:
 - ``peer``: ``bench.peer.peer_recipe``, the peer as its users build it (issue 19): fp32 weights
   from ``AutoModelForCausalLM.from_config`` (sdpa attention, ``experts_implementation=
   "grouped_mm"``), bf16 autocast, ``model(input_ids=x, labels=x).loss`` (transformers' own
-  shifted, fp32-upcast loss), a plain ``torch.optim.AdamW(fused=True)`` on CUDA, no clipping;
+  shifted, fp32-upcast loss), a plain ``torch.optim.AdamW(fused=True)`` on CUDA, no clipping,
+  fp32 matmuls on TF32 (``--peer-tf32 on``, the default; only the MoE peer's fp32 experts have any);
   ``peer_compiled``: ``torch.compile(model)`` on the whole model. DeepseekV3 trains with neither
   aux loss nor bias update. ``peer_layer_compiled`` (diagnostic, not in the default list): the old
   build, each decoder layer compiled on its own, kept to show what that costs.
@@ -65,6 +66,9 @@ def _args(argv):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--split", action="store_true", help="also the time split of our eager step")
     ap.add_argument("--tiny", action="store_true", help="shrunk geometry for a CPU run")
+    ap.add_argument("--peer-tf32", choices=("on", "off"), default="on",
+                    help="the peer's fp32 matmuls on TF32 tensor cores (on: the issue-19 recipe as "
+                         "measured; off: PyTorch's default). Ours has no fp32 matmul; set for peer variants only")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
     args.seq = args.seq or (TINY_SEQ if args.tiny else 2048)
@@ -239,9 +243,12 @@ def main(argv=None) -> None:
     batch = make_batch(cfg, args.batch, args.seq, runtime.device)
     fpt = flops_per_token(cfg, args.seq)
     tokens = args.batch * args.seq
+    from bench.peer import tf32_matmul
+
     for v in to_run:
         try:
-            r = run_variant(v, cfg, runtime, batch, args.steps, args.warmup)
+            with tf32_matmul(v.startswith("peer") and args.peer_tf32 == "on"):
+                r = run_variant(v, cfg, runtime, batch, args.steps, args.warmup)
             throughput(r, tokens, fpt, peak)
             print({k: x for k, x in r.items() if k not in ("step_s_all", "kernels", "peer")}, flush=True)
         except Exception as e:  # noqa: BLE001 - one failed variant must not lose the others
@@ -256,7 +263,8 @@ def main(argv=None) -> None:
     payload: Dict[str, Any] = {
         "model": args.model, "tiny": args.tiny, "seq": args.seq, "batch": args.batch,
         "precision": "bf16 autocast, fp32 master params" if runtime.amp_dtype is not None else "fp32",
-        "flops_per_token": fpt, "matmul_peak_tflops": peak, "datasheet_tflops": DATASHEET_TFLOPS,
+        "peer_tf32": args.peer_tf32, "flops_per_token": fpt, "matmul_peak_tflops": peak,
+        "datasheet_tflops": DATASHEET_TFLOPS,
         "params": params, "variants": variants, "ratios": ratios(variants), "env": environment(),
     }
     peer_info = next((r["peer"] for r in variants.values() if "peer" in r), None)

@@ -12,9 +12,18 @@ attn_implementation="sdpa", experts_implementation="grouped_mm")`` with fp32 wei
 one graph), bf16 autocast, ``torch.optim.AdamW(..., fused=True)``, ``model(input_ids=x, labels=x)``
 (the model shifts the labels itself). :func:`peer_recipe` builds exactly that; ``compare`` times it.
 
-Why the earlier peer was 2-3x slower on the MoE (issue 19, measured in docs/PERFORMANCE.md): it
-compiled each decoder layer on its own (``layer.compile()``, as our ``compile_blocks``), not the
-model; see ``compile_layers`` (kept only as the ``peer_layer_compiled`` diagnostic variant).
+Why the earlier MoE peer was 2.6x slower than the issue's figure (measured on an H200, 2026-12-02,
+docs/PERFORMANCE.md): not the construction and not the compile granularity, but TF32. With fp32
+weights transformers' ``grouped_mm`` experts cast the activations to fp32, and under
+torch.compile (``is_torchdynamo_compiling()`` with non-bf16 weights) they take
+``transformers::grouped_mm_fallback``: a per-expert ``torch.mm`` loop with a host sync, which
+inductor cannot compile (graph break on ``aten._local_scalar_dense``). Those fp32 GEMMs run on
+SIMT cores (cuBLAS ``cutlass_80_simt_sgemm``) with PyTorch's default fp32 precision: 36.1k tok/s
+for dsv3_mini b16; with TF32 allowed the same loop runs on tensor cores: 93.4k, the issue's
+93.3k. ``compare --peer-tf32 on|off`` picks one (default on, the issue's recipe as measured);
+both are what users get (PyTorch's default, or ``set_float32_matmul_precision("high")``).
+``compile_layers`` (per-layer compile, the old build) is kept as the ``peer_layer_compiled``
+diagnostic variant.
 
 ``experts_implementation`` is a ``from_config`` keyword in transformers 5.x (read in the 5.17.0
 and 5.23.0 sources). If that request raises, the model is built with the default and the reason
@@ -24,8 +33,9 @@ neither needs it nor pays for importing it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterator, Tuple
 
 import torch
 
@@ -166,6 +176,20 @@ def compile_layers(model: torch.nn.Module) -> None:
 
 def peer_logits(model: torch.nn.Module, inputs_BT: torch.Tensor) -> torch.Tensor:
     return model(input_ids=inputs_BT, use_cache=False).logits
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled: bool) -> Iterator[None]:
+    """fp32 matmuls on TF32 tensor cores while inside (``torch.backends.cuda.matmul.allow_tf32``,
+    what ``torch.set_float32_matmul_precision("high")`` and transformers' ``TrainingArguments(
+    tf32=True)`` set); the previous setting is restored after. It matters to the MoE peer only:
+    its fp32 experts run fp32 GEMMs (see the module docstring)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @dataclass

@@ -25,7 +25,7 @@ for spec in $SPECS; do
   m=${spec%%:*}; b=${spec##*:}
   echo "=== peer $m b$b $(date +%T)"
   timeout ${PEER_TIMEOUT:-240} python3 -m bench compare --model $m --batch $b --variants $PEER_VARIANTS \
-    --steps 5 --warmup 2 --out $R > $R/peer_$m.txt 2>&1; echo "peer $m rc=$?"
+    --steps 5 --warmup 2 ${PEER_ARGS:-} --out $R > $R/peer_$m.txt 2>&1; echo "peer $m rc=$?"
   grep -E "^\| peer|^peer:" $R/peer_$m.txt | cut -c1-600; pack
   for prec in $PRECS; do
     echo "=== train $m $prec $(date +%T)"

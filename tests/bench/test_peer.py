@@ -81,3 +81,15 @@ def test_peer_loss_is_transformers_own_shifted_loss():
     torch.testing.assert_close(loss, ref)
     loss.backward()
     assert all(p.grad is not None for p in r.model.parameters() if p.requires_grad)
+
+
+def test_tf32_matmul_is_set_inside_and_restored_after():
+    from bench.peer import tf32_matmul
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    with tf32_matmul(not before):
+        assert torch.backends.cuda.matmul.allow_tf32 == (not before)
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    with pytest.raises(RuntimeError), tf32_matmul(not before):
+        raise RuntimeError("a failed variant")
+    assert torch.backends.cuda.matmul.allow_tf32 == before
