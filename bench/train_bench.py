@@ -75,11 +75,11 @@ def _top_ops(prof, n: int, window_s: float) -> list:
 def main(argv=None) -> None:
     from parallelism.parallelize import parallelize
     from parallelism.process_group import init_distributed, shutdown
-    from train.build import resolve_runtime
-    from train.config import ParallelConfig
+    from devices.runtime import resolve_runtime
+    from parallelism.config import ParallelConfig
     from train.optim import build_optimizer
     from train.config import OptimConfig
-    from train.step import train_step
+    from train.step import StepInputs, train_step
     from parallelism.expert_parallel import make_count_reducer
 
     args = _args(argv)
@@ -90,9 +90,9 @@ def main(argv=None) -> None:
         with torch.device("meta"):
             model = Transformer(cfg)
         fp8 = None
-        if args.fp8:  # the trainer's surgery, before parallelize (train.build.convert_precision)
+        if args.fp8:  # the trainer's surgery, before parallelize (train.fsdp_engine.convert_precision)
             from model.fp8 import Fp8Config, convert_to_fp8
-            from model.torch_compat import cuda_capability
+            from compat.torch_compat import cuda_capability
 
             fp8 = convert_to_fp8(model, Fp8Config(recipe=args.fp8, experts=args.fp8_experts == "on"),
                                  capability=cuda_capability(runtime.device) if runtime.device_type == "cuda" else None,
@@ -100,19 +100,20 @@ def main(argv=None) -> None:
             if ctx.is_main:
                 print(fp8.summary(), flush=True)
         pcfg = ParallelConfig(ep=args.ep)
-        parallelize(model, pcfg, ctx, runtime.device_type,
-                    param_dtype=runtime.amp_dtype if ctx.world_size > 1 else None,
-                    activation_checkpointing=args.ac, compile=args.compile, ac_policy=args.ac_policy,
-                    ac_every=args.ac_every)
+        parallel = parallelize(model, pcfg, ctx, runtime.device_type,
+                               param_dtype=runtime.amp_dtype if ctx.world_size > 1 else None,
+                               activation_checkpointing=args.ac, compile=args.compile, ac_policy=args.ac_policy,
+                               ac_every=args.ac_every)
         model.init_weights(0, device=runtime.device)
         opt = build_optimizer(model, OptimConfig(lr=3e-4), runtime.device_type)
-        reduce = make_count_reducer(model.meshes.dp_group) if ctx.distributed else None
+        reduce = make_count_reducer(parallel.meshes.dp_group) if ctx.distributed else None
         g = torch.Generator(device="cpu").manual_seed(ctx.rank)
         tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
         batch = (tokens[:, :-1].to(runtime.device), tokens[:, 1:].to(runtime.device))
 
         def step():
-            return train_step(model, opt, iter([batch]), 1, runtime, 1.0, cfg.moe.bias_update_rate, reduce)
+            return train_step(model, opt, StepInputs(iter([batch]), 1), runtime, 1.0, cfg.moe.bias_update_rate, reduce,
+                              compiled_loss=parallel.blocks_compiled)
 
         for _ in range(args.warmup):
             step()

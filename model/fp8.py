@@ -121,7 +121,7 @@ def convert_to_fp8(model: nn.Module, cfg: Fp8Config, capability: Optional[Tuple[
     in high precision), for CPU tests only."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    from model.torch_compat import grouped_mm
+    from compat.torch_compat import grouped_mm
     from moe.experts import GroupedExperts
     from moe.fp8_experts import torchao_fp8_grouped_mm
 

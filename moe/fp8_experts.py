@@ -2,7 +2,7 @@
 
 torchao's ``_to_fp8_rowwise_then_scaled_grouped_mm`` (torchao.prototype.moe_training, 0.18.0)
 quantizes both operands on the fly (per row of the tokens, per column of each expert's weight,
-power-of-two scales) and runs ``torch._scaled_grouped_mm``, forward and backward (dgrad and
+power-of-two scales) and runs torch's scaled grouped GEMM, forward and backward (dgrad and
 wgrad in fp8 too). Its contract, read in the 0.18.0 source:
 
 - every token group's size must be a multiple of 16 (the fp8 kernels' alignment; its own padding

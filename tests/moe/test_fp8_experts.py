@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from model.torch_compat import grouped_mm
+from compat.torch_compat import grouped_mm
 from moe.experts import GroupedExperts
 from moe.fp8_experts import fp8_swiglu, padded_layout
 
