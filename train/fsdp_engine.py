@@ -8,7 +8,9 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from model.fp8 import Fp8Report, convert_to_fp8
 from parallelism.parallelize import ParallelizeResult
+from parallelism.process_group import DistContext
 from devices.runtime import Runtime
 from train.config import TrainConfig, TrainerConfig
 from train.optim import build_optimizer
@@ -17,18 +19,18 @@ from train.step import StepInputs, StepResult, train_step
 log = logging.getLogger("moeforge")
 
 
-def convert_precision(model: torch.nn.Module, trainer_cfg: TrainerConfig, device: torch.device, ctx: Any):
+def convert_precision(model: torch.nn.Module, trainer_cfg: TrainerConfig, device: torch.device,
+                      ctx: DistContext) -> Optional[Fp8Report]:
     """``trainer.precision=fp8``: the fp8 surgery (model/fp8.py) on the meta-built model, before
     ``parallelize``; logs and returns its report (None for other precisions). FSDP2 all-gathers the
     fp8 weights in fp8 where torchao supports it (tensorwise, more than one rank)."""
     if trainer_cfg.precision != "fp8":
         return None
     from compat.torch_compat import cuda_capability
-    from model.fp8 import convert_to_fp8
 
     capability = cuda_capability(device) if device.type == "cuda" else None
     report = convert_to_fp8(model, trainer_cfg.fp8, capability=capability, fsdp_float8_all_gather=ctx.world_size > 1)
-    if getattr(ctx, "rank", 0) == 0:
+    if ctx.rank == 0:
         log.info("%s; kept in bf16: %s", report.summary(), sorted(set(report.kept.values())))
     return report
 

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from bench.common import preset
 from model.transformer import Transformer
+from parallelism.process_group import DistContext
 from train.config import TrainerConfig
 from train.fsdp_engine import convert_precision
 
@@ -17,7 +16,7 @@ pytest.importorskip("torchao", reason="fp8 is the optional extra 'fp8' (torchao)
 
 
 def test_hook_converts_for_fp8_only(caplog):
-    ctx = SimpleNamespace(world_size=1, rank=0)
+    ctx = DistContext()
     with torch.device("meta"):
         bf16, fp8 = Transformer(preset("dsv3_mini")), Transformer(preset("dsv3_mini"))
     assert convert_precision(bf16, TrainerConfig(precision="bf16"), torch.device("cpu"), ctx) is None
