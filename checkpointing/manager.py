@@ -442,28 +442,6 @@ class CheckpointManager:
                      path, meta.get("world_size"), self.world_size)
         return meta
 
-    def _agree_readable(self, path: str) -> Optional[str]:
-        """Collective: can every rank read ``path`` (commit marker, meta, trainer state)? None when
-        all can; the shared error when none can; CheckpointError on every rank when only some can:
-        loading an older step on those ranks would resume the ranks from different steps."""
-        error = None
-        try:
-            st = Storage(path, self.storage_options)
-            if not commit.is_committed(st, path):
-                raise CheckpointError(f"{path} is not a committed checkpoint (no {layout.COMMIT_MARKER})")
-            commit.read_meta(st, path)
-            commit.read_trainer_state(st, path)
-        except Exception as e:  # noqa: BLE001 - agreed on below, then raised on every rank
-            error = f"{type(e).__name__}: {e}"
-        errors = self._all_errors(error)
-        world = dist.get_world_size(self.process_group) if self._distributed else 1
-        if errors and len(errors) < world:
-            raise CheckpointError(
-                f"rank 0 chose to resume from {path}, but not every rank can read it ({'; '.join(errors)}). "
-                "Refusing to load an older step on some ranks: is checkpoint.root on storage every node shares? "
-                "Retry after a transient storage error.")
-        return errors[0] if errors else None
-
     def _two_tier_candidates(self, local: List[str]) -> List[str]:
         """Newest committed step of either tier first; at equal steps the local copy first (faster
         to read), the remote one as its fallback. A remote step without its marker (an upload that
@@ -484,11 +462,10 @@ class CheckpointManager:
         to load is skipped with a warning naming it and the next older one is tried; if committed
         checkpoints exist and all fail, CheckpointError (never a silent fresh start). Returns the
         loaded checkpoint's meta (see ``load``), or None for a fresh start."""
-        if self.rank == 0:
-            disk_space.warn_capacity(self.storage, self.run_dir, state, self.cfg.keep_last,
-                                     engine=isinstance(state, EngineState))
         candidates = None
         if self.rank == 0:  # rank 0 chooses; every rank loads what it chose, or all stop
+            disk_space.warn_capacity(self.storage, self.run_dir, state, self.cfg.keep_last,
+                                     engine=isinstance(state, EngineState))
             candidates = resume.resume_candidates(self.cfg.resume, self.run_dir, self.storage,
                                                   self.storage_options)
             if self.cfg.resume == resume.AUTO and self.uploader is not None:
@@ -499,19 +476,17 @@ class CheckpointManager:
                 log.info("no committed checkpoint under %s: starting fresh", self.run_dir)
             return None
         if self.cfg.resume != resume.AUTO:
-            self._agree_readable(candidates[0])
+            resume.agree_readable(candidates[0], self.storage_options, self._all_errors, self.world_size)
             return self.load(candidates[0], state)
         failures = []
         for path in candidates:
-            unreadable = self._agree_readable(path)
-            if unreadable:  # no rank can read it (a corrupt or half-deleted step): older, together
-                log.warning("skipping checkpoint %s: %s; trying the next older one", path, unreadable)
-                failures.append(unreadable)
-                continue
-            try:
+            try:  # a step no rank can read (corrupt, half deleted) is skipped by all, together
+                unreadable = resume.agree_readable(path, self.storage_options, self._all_errors, self.world_size)
+                if unreadable:
+                    raise CheckpointError(unreadable)
                 meta = self.load(path, state)
-            except UnsafeCheckpointError:
-                raise  # a crafted file: stop for a person to look, never fall back past it
+            except (UnsafeCheckpointError, resume.RanksDisagree):
+                raise  # a crafted file, or ranks that cannot all read the step: never fall back past it
             except CheckpointError as e:
                 log.warning("skipping checkpoint %s: %s; trying the next older one", path, e)
                 failures.append(str(e))
