@@ -57,6 +57,7 @@ class SaveResult:
     mode: str = "off"  # the async mode actually used (process falls back to thread, logged)
     snapshot_s: float = 0.0  # in save(): the consistent copy (device clones, or CPU copies) - the step pays this
     write_s: float = 0.0  # serialise + write the shards (background for async saves)
+    started_at: float = 0.0  # time.perf_counter() at save() start (how long an async save has been writing)
 
     def stats(self) -> Dict[str, Any]:
         """Flat metrics for the trainer's metrics line / JSONL."""
@@ -365,7 +366,8 @@ class CheckpointManager:
         del plain  # the stager holds its own copy
         started = time.perf_counter() - t0
         record = SaveResult(path, step, started, -1, committed=False, blocked_s=started,
-                            mode=self._async_mode, snapshot_s=stager.timings.get("snapshot_s", started))
+                            mode=self._async_mode, snapshot_s=stager.timings.get("snapshot_s", started),
+                            started_at=t0)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
         self._handle, self._record = handle, record
