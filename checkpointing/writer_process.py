@@ -27,9 +27,6 @@ from checkpointing.snapshot import rebuild, tensor_leaves
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-
-
 class _Ref:
     """A tensor's place in the bound buffer list."""
 
@@ -49,16 +46,9 @@ def _fill(obj: Any, bufs: List[torch.Tensor]) -> Any:
     return obj
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Exit when the trainer is gone: a writer must not outlive it holding shared memory."""
-    import signal
-
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the watchdog below still applies
-        pass
+def _watch_parent(parent_pid: int) -> None:
+    """Besides the parent-death signal (armed before anything is imported, see ``_BOOT``): exit
+    when the parent pid changes, e.g. where prctl is not available."""
 
     def watch() -> None:
         while True:
@@ -67,12 +57,30 @@ def _die_with_parent(parent_pid: int) -> None:
             time.sleep(0.5)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-    if os.getppid() != parent_pid:  # died before the signal was armed
-        os._exit(0)
+
+
+# The child's first statements: arm SIGKILL-on-parent-death before importing torch (seconds), so a
+# trainer killed meanwhile leaves nothing behind; then serve.
+_BOOT = ("import ctypes, os, signal, sys\n"
+         "try:\n    ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL)\nexcept (OSError, AttributeError):\n    pass\n"
+         "ppid = int(sys.argv[2])\n"
+         "if os.getppid() != ppid:\n    os._exit(0)\n"
+         "from checkpointing.writer_process import child_main\n"
+         "child_main(int(sys.argv[1]), ppid)\n")
+
+
+def child_main(fd: int, parent_pid: int) -> None:
+    import multiprocessing
+    from multiprocessing.connection import Connection
+
+    _watch_parent(parent_pid)
+    # Shared-memory tensors arrive as file descriptors fetched from the parent's resource sharer,
+    # which only answers processes holding its auth key.
+    multiprocessing.current_process().authkey = bytes.fromhex(os.environ.pop("MOEFORGE_WRITER_AUTHKEY"))
+    _serve(Connection(fd), parent_pid)
 
 
 def _serve(conn, parent_pid: int) -> None:
-    _die_with_parent(parent_pid)
     import torch.multiprocessing  # noqa: F401 - registers the shared-memory tensor reductions
 
     from checkpointing import _dcp
@@ -105,14 +113,19 @@ class WriterProcess:
 
     def __init__(self) -> None:
         import multiprocessing as mp
+        import subprocess
+        import sys
 
         import torch.multiprocessing  # noqa: F401 - shared-memory tensors pickle by handle
 
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, os.getpid()), daemon=True,
-                                 name="moeforge-ckpt-writer")
-        self._proc.start()
+        # A plain child process rather than multiprocessing's spawn, which would first re-import
+        # the trainer's __main__ (and torch) before the child could arm its parent-death signal.
+        self._conn, child = mp.Pipe()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, MOEFORGE_WRITER_AUTHKEY=mp.current_process().authkey.hex(),
+                   PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+        self._proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(child.fileno()), str(os.getpid())],
+                                      pass_fds=(child.fileno(),), env=env, close_fds=True)
         child.close()
         self._bound: Tuple = ()
         self._ready = False
@@ -122,16 +135,17 @@ class WriterProcess:
     def pid(self) -> int:
         return self._proc.pid
 
+    def _died(self) -> RuntimeError:
+        return RuntimeError(f"checkpoint writer process {self._proc.pid} died (exit code {self._proc.poll()})")
+
     def _recv(self) -> Tuple[str, Any]:
         while not self._conn.poll(1.0):
-            if not self._proc.is_alive():
-                raise RuntimeError(f"checkpoint writer process {self._proc.pid} died "
-                                   f"(exit code {self._proc.exitcode})")
+            if self._proc.poll() is not None:
+                raise self._died()
         try:
             return self._conn.recv()
         except EOFError:
-            raise RuntimeError(f"checkpoint writer process {self._proc.pid} died "
-                               f"(exit code {self._proc.exitcode})") from None
+            raise self._died() from None
 
     def write(self, path: str, host_state: Any, is_local: bool, options: Dict[str, Any],
               threads: int, delay_s: float = 0.0) -> float:
@@ -155,13 +169,16 @@ class WriterProcess:
         return float(detail)
 
     def close(self) -> None:
-        if self._proc.is_alive():
+        import subprocess
+
+        if self._proc.poll() is None:
             try:
                 self._conn.send(("stop",))
             except (OSError, BrokenPipeError):
                 pass
-            self._proc.join(timeout=10)
-            if self._proc.is_alive():
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 self._proc.kill()
-                self._proc.join(timeout=5)
+                self._proc.wait(timeout=5)
         self._conn.close()
