@@ -23,7 +23,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -74,6 +73,7 @@ def _sync(dev):
 
 
 def main(argv=None) -> None:
+    from checkpointing.config import CheckpointConfig
     from checkpointing.manager import CheckpointManager
     from checkpointing.state import AppState
     from train.config import OptimConfig
@@ -110,9 +110,8 @@ def main(argv=None) -> None:
     for spec in args.modes.split(","):
         mode, _, staging = spec.partition(":")
         root = args.dir or tempfile.mkdtemp(prefix="mf_ckpt_")
-        ck = SimpleNamespace(root=root, every_steps=args.every, keep_last=1, keep_every=0, resume="none",
-                             async_mode=mode, staging=staging or "host", save_final=True, storage_options={},
-                             on_save_error="stop", upload_root="", write_threads=args.threads, if_busy="skip")
+        ck = CheckpointConfig(root=root, every_steps=args.every, keep_last=1, resume="none", async_mode=mode,
+                              staging=staging or "host", write_threads=args.threads)
         mgr = CheckpointManager(ck, root, f"bench_{mode}_{staging or 'host'}")
         mgr.prepare({"app": AppState(model, opt)})  # as the trainer does after its first step
         times, saves, skipped, components = [], [], [], []

@@ -1,7 +1,7 @@
 """CheckpointManager: save (DCP shards + atomic commit), retention, resume with fallback.
 
 The trainer builds ``state``: a dict of Stateful objects and/or nested dicts of tensors, e.g.
-``{"model": ModelState(model), "optim": OptimState(model, opt), "extra": {"rng": RNGState(rank)}}``.
+``{"app": AppState(model, opt), "extra": {"rng": RNGState(rank)}}``.
 Everything in it goes through DCP (tensors and the optimizer's primitive hyper-parameters).
 Non-tensor trainer state (data cursor, LR schedule, cost meter, W&B run id) is passed as
 ``trainer_state`` and lands in ``trainer_state.json``; the summary ``meta`` in ``meta.json``.
@@ -14,100 +14,23 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
 from checkpointing import _dcp, commit, layout, resume, retention
-from checkpointing.snapshot import SnapshotStager, state_bytes
+from checkpointing.async_saves import AsyncSaves
+from checkpointing.config import CheckpointConfig
 from checkpointing.engine_state import EngineState, check_files
-from checkpointing.errors import CheckpointError, ConfigError
+from checkpointing.errors import CheckpointError
+from checkpointing.save_result import SaveResult
+from checkpointing.snapshot import state_bytes
 from checkpointing.storage import Storage
 from checkpointing.upload import Uploader
+from checkpointing.validate import validate_checkpoint_config
 
 log = logging.getLogger(__name__)
-
-ASYNC_MODES = ("off", "thread", "process")
-
-
-ON_SAVE_ERROR = ("continue", "stop")
-STAGING = ("host", "device")  # where an async save copies the state first (device: spare GPU memory)
-IF_BUSY = ("skip", "defer")  # a periodic save due while the previous one is still writing
-
-
-@dataclass
-class SaveResult:
-    """What one ``save`` did. ``committed`` False with ``error`` set: the save failed and was left
-    uncommitted (``on_save_error=continue``); False without ``error``: an async save still in
-    flight (its final result comes from ``wait_committed()`` / ``close()`` / ``last_save_stats()``),
-    or, on ranks other than 0 after an async save, a write that succeeded but whose marker only
-    rank 0 writes (decide on rank 0's value)."""
-
-    path: str
-    step: int
-    seconds: float  # time the caller was blocked in save() (sync: all of it; async: until staged/started)
-    bytes: int  # size of the step directory (rank 0; -1 on other ranks and before an async commit)
-    committed: bool = True
-    error: Optional[str] = None
-    staging_s: float = 0.0  # save() start -> state copied to host memory (sync: 0, written in place)
-    blocked_s: float = 0.0  # caller blocked: in save() plus in wait() for this save's staging
-    commit_s: float = 0.0  # save() start -> marker written (rank 0) / write done (other ranks)
-    mode: str = "off"  # the async mode actually used (process falls back to thread, logged)
-    snapshot_s: float = 0.0  # in save(): the consistent copy (device clones, or CPU copies) - the step pays this
-    write_s: float = 0.0  # serialise + write the shards (background for async saves)
-    started_at: float = 0.0  # time.perf_counter() at save() start (how long an async save has been writing)
-
-    def stats(self) -> Dict[str, Any]:
-        """Flat metrics for the trainer's metrics line / JSONL."""
-        # ok = no failure seen by this rank (after an async save only rank 0 sees the marker, so
-        # ``committed`` is rank 0's to report; the trainer logs rank 0's metrics)
-        return {"ckpt_step": self.step, "ckpt_ok": int(self.error is None),
-                "ckpt_staging_s": self.staging_s, "ckpt_blocked_s": self.blocked_s,
-                "ckpt_commit_s": self.commit_s, "ckpt_bytes": self.bytes,
-                "ckpt_snapshot_s": self.snapshot_s, "ckpt_write_s": self.write_s}
-
-    def phases(self) -> str:
-        """``snapshot 0.31 s, host copy 1.20 s, write 17.9 s, commit 19.6 s`` (from save() start)."""
-        return (f"snapshot {self.snapshot_s:.2f} s, host copy {self.staging_s:.2f} s, write {self.write_s:.1f} s, "
-                f"committed {self.commit_s:.1f} s after save()")
-
-
-def validate_checkpoint_config(cfg: Any) -> None:
-    """Rules for the ``checkpoint`` section; each message names the key and the fix."""
-    if cfg.async_mode not in ASYNC_MODES:
-        raise ConfigError(f"checkpoint.async_mode={cfg.async_mode!r} must be one of {', '.join(ASYNC_MODES)}")
-    staging = getattr(cfg, "staging", "host")
-    if staging not in STAGING:
-        raise ConfigError(f"checkpoint.staging={staging!r} must be one of {', '.join(STAGING)}")
-    if staging == "device" and cfg.async_mode == "off":
-        raise ConfigError("checkpoint.staging=device snapshots for an async save: set checkpoint.async_mode="
-                          "process (or thread), or checkpoint.staging=host")
-    if_busy = getattr(cfg, "if_busy", "skip")
-    if if_busy not in IF_BUSY:
-        raise ConfigError(f"checkpoint.if_busy={if_busy!r} must be one of {', '.join(IF_BUSY)}")
-    if getattr(cfg, "write_threads", 1) < 1:
-        raise ConfigError(f"checkpoint.write_threads={cfg.write_threads} must be >= 1 (parallel writers per rank)")
-    if getattr(cfg, "write_bandwidth_gbps", 1.0) <= 0:
-        raise ConfigError(f"checkpoint.write_bandwidth_gbps={cfg.write_bandwidth_gbps} must be > 0 (GB/s per rank, "
-                          "e.g. 1.3 for an H200 node's local NVMe)")
-    on_error = getattr(cfg, "on_save_error", "stop")
-    if on_error not in ON_SAVE_ERROR:
-        raise ConfigError(f"checkpoint.on_save_error={on_error!r} must be one of {', '.join(ON_SAVE_ERROR)}")
-    upload_root = getattr(cfg, "upload_root", "") or ""
-    if upload_root and "://" not in upload_root:
-        raise ConfigError(f"checkpoint.upload_root={upload_root!r} must be a URL such as "
-                          "s3://bucket/prefix (or empty for one tier)")
-    if upload_root and "://" in (cfg.root or ""):
-        raise ConfigError(f"checkpoint.upload_root is set but checkpoint.root={cfg.root!r} is already "
-                          "remote: two tiers means a local (or FSx) root plus an s3:// upload_root")
-    for key in ("every_steps", "keep_last", "keep_every"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"checkpoint.{key}={getattr(cfg, key)} must be >= 0 (0 = off)")
-    if not cfg.resume:
-        raise ConfigError("checkpoint.resume is empty: use auto, none or a checkpoint path")
-
 
 def _check_leaves(obj: Any, where: str) -> None:
     """Only tensors and primitives may reach DCP: anything else would be pickled."""
@@ -134,30 +57,18 @@ def _materialise(state: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _shm_free_bytes() -> Optional[int]:
-    import os
+class CheckpointManager(AsyncSaves):
+    """One per rank, for the ``checkpoint`` config section. With a process group, every method
+    except the ``list``/``committed_steps`` queries is collective: call it on every rank."""
 
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
-class CheckpointManager:
-    """One per rank. ``cfg`` is the ``checkpoint`` config section (duck-typed: root, keep_last,
-    keep_every, resume, async_mode, storage_options; optional on_save_error, upload_root). With a
-    process group, every method except the ``list``/``committed_steps`` queries is collective:
-    call it on every rank."""
-
-    def __init__(self, cfg: Any, output_dir: str, run_name: str, rank: int = 0, world_size: int = 1,
+    def __init__(self, cfg: CheckpointConfig, output_dir: str, run_name: str, rank: int = 0, world_size: int = 1,
                  process_group: Optional["dist.ProcessGroup"] = None):
         validate_checkpoint_config(cfg)
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
         self.process_group = process_group
-        self.on_save_error: str = getattr(cfg, "on_save_error", "stop")
+        self.on_save_error: str = cfg.on_save_error
         self.storage_options: Dict[str, Any] = dict(cfg.storage_options or {})
         self.run_dir = layout.run_checkpoint_dir(cfg.root, output_dir, run_name)
         self.storage = Storage(self.run_dir, self.storage_options)
@@ -167,39 +78,11 @@ class CheckpointManager:
         self._record: Optional[SaveResult] = None  # the in-flight async save's (growing) record
         self._last: Optional[SaveResult] = None  # the last save that finished (or failed)
         self._async_mode = self._resolve_async_mode(cfg.async_mode)
-        self._staging = getattr(cfg, "staging", "host")
-        self._threads = int(getattr(cfg, "write_threads", 1))
-        self._delay_s = float(getattr(cfg, "fault_inject_write_delay_s", 0.0))
-        self._wait_s = 0.0  # loop time spent in wait() since the last take_wait_s()
-        # Async saves: one persistent stager (buffers allocated once, reused); a single-process
-        # run's process mode writes from our own writer process (DCP's daemon needs a group).
-        self._stager: Optional[SnapshotStager] = None
-        self._writer_proc = None
-        self._io: Optional[ThreadPoolExecutor] = None
-        if self._async_mode != "off":
-            own_process = self._async_mode == "process" and not self._distributed
-            self._stager = SnapshotStager(device=self._staging == "device", shared=self._async_mode == "process")
-            self._stager.as_plain = own_process
-            if own_process:
-                from checkpointing.writer_process import WriterProcess
-
-                self._writer_proc = WriterProcess()  # spawned now: its torch import overlaps start-up
-        upload_root = getattr(cfg, "upload_root", "") or ""
+        self._init_async(cfg)
         self.uploader: Optional[Uploader] = None
-        if upload_root:
-            self.uploader = Uploader(self.storage, self.run_dir, layout.join(upload_root, run_name),
+        if cfg.upload_root:
+            self.uploader = Uploader(self.storage, self.run_dir, layout.join(cfg.upload_root, run_name),
                                      self.storage_options, cfg.keep_last, cfg.keep_every)
-
-    def _resolve_async_mode(self, mode: str) -> str:
-        if mode != "process":
-            return mode
-        if not self._distributed:
-            return "process"  # our own writer process (checkpointing/writer_process.py)
-        reason = _dcp.process_mode_unavailable()
-        if reason is None:
-            return "process"
-        log.warning("checkpoint.async_mode=process unavailable: %s; using async_mode=thread", reason)
-        return "thread"
 
     # -- distributed helpers -----------------------------------------------------------------
     @property
@@ -348,60 +231,6 @@ class CheckpointManager:
             raise CheckpointError(f"{state.format} checkpoint {path} is damaged: " + "; ".join(errors))
         state.load(st.native(path), meta)
 
-    def _start_async(self, path, step, plain, writer, full_meta, trainer_state, t0) -> SaveResult:
-        stager = self._stager
-        host_wait = self._staging == "host"  # the update must not run before the host copy is taken
-        try:
-            if self._writer_proc is not None:
-                staging = stager.stage(plain)
-                if self._io is None:
-                    self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-write")
-                upload = self._io.submit(self._write_in_process, path, staging)
-                handle = _dcp.AsyncHandle(staging if host_wait and not staging.done() else None, upload, None,
-                                          "process")
-            else:
-                handle = _dcp.async_save(plain, writer, self.process_group, self._async_mode, stager, host_wait)
-        except _dcp.ERRORS as e:
-            raise CheckpointError(f"saving checkpoint {path} failed to start: {_dcp.describe(e)}") from e
-        del plain  # the stager holds its own copy
-        started = time.perf_counter() - t0
-        record = SaveResult(path, step, started, -1, committed=False, blocked_s=started,
-                            mode=self._async_mode, snapshot_s=stager.timings.get("snapshot_s", started),
-                            started_at=t0)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
-        self._handle, self._record = handle, record
-        self._inflight = self._executor.submit(self._finish_async, record, handle, full_meta,
-                                               trainer_state, t0)
-        return SaveResult(**{**record.__dict__})
-
-    def _write_in_process(self, path: str, staging: Future) -> float:
-        host = staging.result()
-        return self._writer_proc.write(self.storage.native(path), host, self.storage.is_local,
-                                       self.storage.storage_options, self._threads, self._delay_s)
-
-    def _finish_async(self, record: SaveResult, handle: "_dcp.AsyncHandle", meta: Dict[str, Any],
-                      trainer_state: Dict[str, Any], t0: float) -> SaveResult:
-        """Background: the marker only after the write future completed. DCP's save finishes on
-        rank 0 only after gathering every rank's write results, so rank 0 needs no extra barrier.
-        Commit and retention run here too: nothing of a save but its snapshot is in the loop."""
-        out = handle.upload.result()
-        host_s = self._stager.timings.get("host_s", 0.0) if self._stager is not None else 0.0
-        record.staging_s = host_s
-        record.write_s = (out if isinstance(out, float) else
-                          max(0.0, time.perf_counter() - t0 - host_s))
-        path = record.path
-        if self.rank == 0:
-            commit.write_commit(self.storage, path, meta, trainer_state)
-            record.bytes = self.storage.tree_size(path)
-        record.commit_s = time.perf_counter() - t0
-        record.committed = self.rank == 0  # other ranks cannot see the marker being written
-        if self.rank == 0:
-            log.info("checkpoint %s committed in the background (%s): %.1f MB; %s", path, record.mode,
-                     record.bytes / 1e6, record.phases())
-            self._after_commit(record.step)
-        return record
-
     def _after_commit(self, step: int) -> None:
         """Rank 0, after a commit: retention, then (two tiers) queue the upload."""
         self._apply_retention()
@@ -430,43 +259,6 @@ class CheckpointManager:
         dist.all_gather_object(gathered, error, group=self.process_group)
         return [f"rank {r}: {e}" for r, e in enumerate(gathered) if e]
 
-    def wait(self) -> None:
-        """Block until the in-flight async save has staged its copy (call before the optimizer
-        mutates the parameters again). A no-op in sync mode, with ``staging=device`` and once
-        staged. The time spent here is the loop's: see ``take_wait_s``."""
-        handle = self._handle
-        if handle is not None and handle.staging is not None:
-            t = time.perf_counter()
-            try:
-                handle.staging.result()
-            finally:
-                handle.staging = None
-                waited = time.perf_counter() - t
-                self._wait_s += waited
-                if self._record is not None:
-                    self._record.blocked_s += waited
-
-    def take_wait_s(self) -> float:
-        """Seconds ``wait()`` held the loop since the last call (checkpoint time inside a step)."""
-        out, self._wait_s = self._wait_s, 0.0
-        return out
-
-    def inflight(self) -> Optional[SaveResult]:
-        """The async save still writing or committing on this rank (its growing record), else None."""
-        if self._inflight is None or self._inflight.done():
-            return None
-        return self._record
-
-    def busy(self) -> bool:
-        """Collective: is an async save still writing on any rank? (All ranks agree, so all skip or
-        defer the same save.)"""
-        local = self.inflight() is not None
-        if not self._distributed:
-            return local
-        flag = torch.tensor([int(local)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
-        return bool(flag.item())
-
     def prepare(self, state: Mapping[str, Any]) -> int:
         """Before the first save: this rank's state bytes; with async saves, allocate (and pin)
         the reusable host buffers in the background so no save pays for it in the loop. A
@@ -476,24 +268,8 @@ class CheckpointManager:
             return 0
         plain = _materialise(state)
         nbytes = state_bytes(plain)
-        if self._stager is None:
-            return nbytes
-        if self._stager.shared:
-            free = _shm_free_bytes()
-            if free is not None and free < nbytes * 1.05:
-                log.warning("checkpoint.async_mode=process needs %.1f GB of shared memory for the host copy, "
-                            "but /dev/shm has %.1f GB free: writing from a thread instead (enlarge /dev/shm, "
-                            "e.g. docker --shm-size, to write from a separate process)", nbytes / 1e9, free / 1e9)
-                self._use_thread_writer()
-        self._stager.prepare(plain)
+        self._prepare_async(plain, nbytes)
         return nbytes
-
-    def _use_thread_writer(self) -> None:
-        if self._writer_proc is not None:
-            self._writer_proc.close()
-            self._writer_proc = None
-        self._async_mode = "thread"
-        self._stager = SnapshotStager(device=self._staging == "device", shared=False)
 
     def wait_committed(self) -> Optional[SaveResult]:
         """Block until the in-flight async save is written and (rank 0) committed. Returns its
@@ -521,7 +297,7 @@ class CheckpointManager:
     def close(self) -> Optional[SaveResult]:
         """Finish the in-flight save (and, with two tiers, its upload). Call before exiting; the
         result is that save's (None when none was in flight): check ``committed`` before exiting
-        with "interrupted, resubmit" (75) after an async final save."""
+        with "interrupted, resubmit" (PREEMPTED) after an async final save."""
         try:
             return self.wait_committed()
         finally:
