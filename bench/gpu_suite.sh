@@ -42,10 +42,10 @@ for stage in $STAGES; do
       done;;
     ckpt) timeout 300 env CUDA_VISIBLE_DEVICES=0 python3 -m bench ckpt --model $MOE --modes process:device,thread:device \
             --saves ${CKPT_SAVES:-2} --every ${CKPT_EVERY:-50} --out "$OUT" 2>&1 | tail -6;;
-    drill)  # the user command: saves every 100 steps, a spot notice mid-run (docs/PERFORMANCE.md)
+    drill)  # the user command: saves 150 steps apart, a spot notice when none is writing (docs/PERFORMANCE.md)
       df -h /tmp /dev/shm | tee "$OUT/disk.txt"; rm -rf /tmp/mf_drill
-      timeout ${DRILL_TIMEOUT:-540} env CUDA_VISIBLE_DEVICES=0 python3 -m bench ckpt_drill --notice-at ${NOTICE_AT:-390} \
-        --out "$OUT" -- experiment=$DRILL_EXP trainer.max_steps=3000 trainer.log_every=1 checkpoint.every_steps=100 \
+      timeout ${DRILL_TIMEOUT:-540} env CUDA_VISIBLE_DEVICES=0 python3 -m bench ckpt_drill --notice-at ${NOTICE_AT:-430} \
+        --out "$OUT" -- experiment=$DRILL_EXP trainer.max_steps=3000 trainer.log_every=1 checkpoint.every_steps=${DRILL_EVERY:-150} \
         checkpoint.keep_last=1 checkpoint.async_mode=${DRILL_MODE:-process} checkpoint.staging=device \
         checkpoint.write_bandwidth_gbps=1.3 output_dir=/tmp/mf_drill health.preflight=off > "$OUT/drill.txt" 2>&1
       echo "drill rc=$?"; grep -E "^step=[0-9]*00 |ckpt_stall|emergency|checkpoint due|host buffers|committed in|goodput" "$OUT/drill.txt" | cut -c1-400 | tail -30;;

@@ -22,6 +22,7 @@ eta        eta_s             ``H:MM:SS`` (hours may exceed 24)       seconds
 tok/$      tok_per_usd       integer (optional)                      tokens per $
 val_loss   val_loss          4 decimals (optional)                   nats/token
 data_wait  data_wait         1 decimal + ``%`` (optional)            fraction of step time
+ckpt_stall ckpt/stall_s      3 decimals + ``s`` (optional)           seconds lost to checkpointing in the loop
 =========  ================  ======================================  =====================
 
 The first ten fields are always present; an unknown value prints ``n/a`` (MFU on a CPU, $/Mtok
