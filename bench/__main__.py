@@ -2,8 +2,9 @@
 
 import sys
 
-SUITES = {"smoke": "bench.smoke", "train": "bench.train_bench", "ckpt": "bench.ckpt_bench", "ckpt_drill": "bench.ckpt_drill",
-          "attn": "bench.attn", "compare": "bench.compare", "split": "bench.split"}
+SUITES = {"smoke": "bench.smoke", "train": "bench.train_bench", "ckpt": "bench.ckpt_bench",
+          "ckpt_drill": "bench.ckpt_drill", "attn": "bench.attn", "compare": "bench.compare",
+          "split": "bench.split", "curves": "bench.curves"}
 
 
 def main() -> None:

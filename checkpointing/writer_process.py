@@ -83,7 +83,7 @@ def child_main(fd: int, parent_pid: int) -> None:
 def _serve(conn, parent_pid: int) -> None:
     import torch.multiprocessing  # noqa: F401 - registers the shared-memory tensor reductions
 
-    from checkpointing import _dcp
+    from checkpointing import _dcp, disk_space
 
     bufs: List[torch.Tensor] = []
     conn.send(("ready", os.getpid()))
@@ -104,7 +104,10 @@ def _serve(conn, parent_pid: int) -> None:
             _dcp.save(_fill(skeleton, bufs), _dcp.make_writer(path, is_local, options, threads, delay_s))
             conn.send(("ok", time.perf_counter() - t0))
         except BaseException as e:  # noqa: BLE001 - reported to the trainer, which decides
-            conn.send(("error", _dcp.describe(e)))
+            msg = _dcp.describe(e)
+            if disk_space.is_out_of_space(e) and not disk_space.is_out_of_space(msg):
+                msg = f"No space left on device: {msg}"  # the ENOSPC was deeper in the chain
+            conn.send(("error", msg))
 
 
 class WriterProcess:
