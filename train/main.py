@@ -44,6 +44,12 @@ def setup_logging(directory: str, rank: int) -> str:
 
     logging.setLogRecordFactory(factory)
     root.propagate = False
+    # checkpointing/ logs under its own name (it never imports train): the same console and file, so
+    # a background commit, retention and the host-buffer allocation are in the run's log too.
+    ckpt = logging.getLogger("checkpointing")
+    ckpt.setLevel(logging.INFO)
+    ckpt.handlers[:] = list(root.handlers)
+    ckpt.propagate = False
     return path
 
 

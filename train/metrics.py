@@ -22,6 +22,7 @@ eta        eta_s             ``H:MM:SS`` (hours may exceed 24)       seconds
 tok/$      tok_per_usd       integer (optional)                      tokens per $
 val_loss   val_loss          4 decimals (optional)                   nats/token
 data_wait  data_wait         1 decimal + ``%`` (optional)            fraction of step time
+ckpt_stall ckpt/stall_s      3 decimals + ``s`` (optional)           seconds lost to checkpointing in the loop
 =========  ================  ======================================  =====================
 
 The first ten fields are always present; an unknown value prints ``n/a`` (MFU on a CPU, $/Mtok
@@ -103,6 +104,9 @@ _OPTIONAL = (
     ("val_loss", "val_loss", lambda v: _fmt_fixed(v, 4), float),
     ("data_wait", "data_wait", lambda v: _fmt_fixed(v, 1, "%", scale=100.0),
      lambda t: float(t[:-1]) / 100.0),
+    # Seconds this log step lost to checkpointing in the loop (the snapshot of a save, a staging
+    # wait): only on steps that had some.
+    ("ckpt_stall", "ckpt/stall_s", lambda v: _fmt_fixed(v, 3, "s"), lambda t: float(t[:-1])),
 )
 LINE_FIELDS = tuple(name for name, *_ in _REQUIRED + _OPTIONAL)
 LINE_KEYS = tuple(key for _, key, *_ in _REQUIRED + _OPTIONAL)
@@ -120,6 +124,7 @@ METRIC_LINE_PATTERN = (
     rf"(?: tok/\$=(?P<tok_per_usd>{_V}))?"
     rf"(?: val_loss=(?P<val_loss>{_V}))?"
     rf"(?: data_wait=(?P<data_wait>{_V}))?"
+    rf"(?: ckpt_stall=(?P<ckpt_stall_s>{_V}))?"
     r"\s*$"
 )
 METRIC_LINE_RE = re.compile(METRIC_LINE_PATTERN)
@@ -156,7 +161,7 @@ def parse_metric_line(line: str) -> Dict[str, Any]:
         raise ValueError(f"not a metric line: {line!r}")
     out: Dict[str, Any] = {}
     for _, key, _, parser in _REQUIRED + _OPTIONAL:
-        text = match.group(key)
+        text = match.group(key.replace("/", "_"))  # a group name cannot hold '/'
         if text is not None:
             out[key] = _parse_value(text, parser)
     return out

@@ -16,7 +16,6 @@ from train.config import TrainConfig
 from health.exit_codes import ExitCode
 from train.engine import build_engine
 from train.optim import lr_at, set_lr
-from train.run_dir import config_hash
 from train.step import StepInputs, evaluate
 from train.validate import resolved_micro_batch
 
@@ -36,6 +35,7 @@ class Trainer:
         self.evals_since_best = 0
         self.metrics = None
         self._resume_wandb_id = None
+        self.saver = None  # train/saving.py, once the checkpoint manager exists
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
@@ -59,6 +59,9 @@ class Trainer:
         self.model.register_forward_pre_hook(self._mark_forward, prepend=True)
         self.ckpt = CheckpointManager(cfg.checkpoint, self._ckpt_base(), self.run_name, rank=self.ctx.rank,
                                       world_size=self.ctx.world_size, process_group=self.ctx.control_group)
+        from train.saving import Saver
+
+        self.saver = Saver(self)
         from health.imds import ImdsClient
         from cost.pricing import resolve_cluster
 
@@ -151,7 +154,11 @@ class Trainer:
         try:
             return self._loop()
         finally:
-            self.ckpt.close()  # an async save in flight commits before we exit
+            t_close = time.perf_counter()
+            try:
+                self.ckpt.close()  # an async save in flight commits before we exit
+            finally:  # the loop is over, but this wait is paid for: it is checkpoint time
+                self.acct.ledger.add("checkpoint", time.perf_counter() - t_close)
 
     def _loop(self) -> tuple[int, str]:
         from train.data import rank_micro_batches, validation_batches
@@ -180,6 +187,7 @@ class Trainer:
                                                      poison=(self.step + 1) in inject))
             first = False
             step_s = time.perf_counter() - t_step
+            step_s -= self.saver.take_step_wait()  # staging=host: the step waited for a save's host copy
             if result.verdict == "rollback":
                 self._rollback()
                 continue
@@ -198,6 +206,8 @@ class Trainer:
             self.step += 1
             self.samples += t.global_batch_size
             self.acct.on_step(self.step, step_s, result.data_wait_s)
+            if self.acct.attempt_steps == 1:  # optimizer state exists now: its size is the save's
+                self.saver.estimate_at_start()
             self.hr.step_done(self.step, step_s, (self._fwd_enter or t_step) - t_step)
             window["steps"] += 1
             window["data_wait"] += result.data_wait_s
@@ -216,20 +226,23 @@ class Trainer:
                 self.hr.flags.request(ExitCode.BUDGET_EXHAUSTED, budget)
             # Every rank, every step: one small all-reduce decides together whether to stop.
             stop = self.hr.at_boundary(self.step)
-            if self.step % t.log_every == 0 or self.step == t.max_steps or val_loss is not None or stop:
-                self._log(result, val_loss, window, tokens_per_step)
-                window = {"t0": time.perf_counter(), "steps": 0, "data_wait": 0.0}
             done = self.step >= t.max_steps or early is not None
             code, reason = (stop.code, stop.reason) if stop else (ExitCode.OK, early or "done")
             final = done or stop is not None
             if final:
                 self.acct.mark_exit(code, reason)
-            due = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
-            if due or (final and (cfg.checkpoint.save_final or stop is not None)):
+            # Saved before this step's row is logged: the row then carries what the save cost the loop.
+            due = bool(cfg.checkpoint.every_steps) and self.step % cfg.checkpoint.every_steps == 0
+            if final and (cfg.checkpoint.save_final or stop is not None):
                 committed = self._save(emergency=stop)
                 if stop is not None and not committed and code == ExitCode.PREEMPTED:
                     # 75 promises a committed checkpoint; without one, say crash (bounded retries).
                     code, reason = ExitCode.CRASH, reason + " (the emergency checkpoint was not committed)"
+            elif self.saver.wants(due):
+                self.saver.periodic(due)
+            if self.step % t.log_every == 0 or self.step == t.max_steps or val_loss is not None or stop:
+                self._log(result, val_loss, window, tokens_per_step)
+                window = {"t0": time.perf_counter(), "steps": 0, "data_wait": 0.0}
             if self.step % t.log_every == 0:
                 warning = self.acct.projection_warning(self.step, t.max_steps, tokens_per_step,
                                                        self.samples * t.seq_len)
@@ -278,32 +291,8 @@ class Trainer:
                     "the data up to sample %d", bad_step, self.cfg.health.nan_max_skips + 1, self.step, samples)
 
     def _save(self, emergency=None) -> bool:
-        """Save this step; True when it is committed (False: skipped as non-finite, or failed with
-        checkpoint.on_save_error=continue)."""
-        from train.version import versions
-
-        # Never checkpoint a non-finite state (checked on every rank, agreed by one all-reduce).
-        if not self.hr.state_ok(self.model, self.optimizer):
-            log.error("step %d: state is not finite; checkpoint skipped", self.step)
-            return False
-        ts = self._trainer_state()
-        meta = {"tokens": ts["tokens"], "samples_consumed": self.samples, "config_hash": config_hash(self.cfg),
-                "cost_usd": ts["cost"].get("spent_usd", 0.0), "versions": versions()}
-        t0 = time.perf_counter()
-        with self.hr.grace(FIRST_STEP_GRACE_S):
-            result = self.ckpt.save(self.step, self._state(), meta, trainer_state=ts)
-            if emergency is not None:
-                result = self.ckpt.wait_committed() or result  # the commit must land before we leave
-        self.acct.on_checkpoint(time.perf_counter() - t0, self.step)
-        committed = result is not None and result.error is None
-        if emergency is not None:
-            took = time.time() - emergency.t_notice
-            deadline = self.cfg.health.preemption_deadline_s
-            (log.info if took <= deadline and committed else log.error)(
-                "emergency checkpoint at step %d %s %.1f s after the notice (%s); "
-                "health.preemption_deadline_s=%.0f", self.step, "committed" if committed else "FAILED",
-                took, emergency.reason, deadline)
-        return committed
+        """Save this step (train/saving.py); True when it is committed."""
+        return self.saver.save(emergency)
 
     def _announce(self) -> None:
         cfg = self.cfg
@@ -335,6 +324,7 @@ class Trainer:
              "tokens": tokens, "max_steps": t.max_steps, "skipped_steps": self.hr.nan_guard.total_skipped}
         m.update(self.acct.metrics(tokens))
         m.update(self.hr.metrics())
+        m.update(self.saver.row_metrics())  # ckpt/stall_s: what checkpointing cost the loop since the last row
         if val_loss is not None:
             m["val_loss"] = val_loss
         if self.runtime.xla is not None:  # graphs compiled so far: growing every step = recompiling
