@@ -38,6 +38,8 @@ class Transformer(nn.Module):
         """Final-normed hidden states and the summed MoE auxiliary loss."""
         kernels.prepare(tokens_BT.shape[1], self.windows, tokens_BT.device)  # caches, outside compiled blocks
         x_BTD = self.tok_embeddings(tokens_BT)
+        if self.cfg.embed_scale:  # Gemma: the embedding table is shared with the unscaled head
+            x_BTD = x_BTD * (self.cfg.d_model ** 0.5)
         aux = torch.zeros((), device=x_BTD.device, dtype=torch.float32)
         for block in self.layers.values():
             x_BTD, layer_aux = block(x_BTD)
