@@ -81,6 +81,9 @@ class ModelConfig:
     ffn_activation: str = "silu"
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Initialise from a Hugging Face directory (local or s3://) instead of the seed; empty = off.
+    # Read by train/ through checkpointing/hf/ (docs/checkpointing.md); the model never opens it.
+    init_from: str = ""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)

@@ -62,6 +62,7 @@ class Trainer:
                         activation_checkpointing=t.activation_checkpointing, compile=t.compile,
                         ac_policy=t.ac_policy, ac_every=t.ac_every)
             self.model.init_weights(t.seed, device=self.runtime.init_device)
+            self._init_from_hf()
             if self.runtime.init_device != self.runtime.device:
                 self.model.to(self.runtime.device)  # XLA: initialised on CPU, then moved (train/xla.py)
             self.optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
@@ -96,6 +97,7 @@ class Trainer:
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model, t.ac_policy, t.ac_every)
         self.model.init_weights(t.seed, device=self.runtime.device)
+        self._init_from_hf()
         optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
         config = deepspeed_config(cfg.parallel.deepspeed, global_batch_size=t.global_batch_size,
                                   micro_batch_size=self.micro, grad_accum=self.n_micro, grad_clip=t.grad_clip,
@@ -106,6 +108,14 @@ class Trainer:
         self.step_fn = deepspeed_train_step
         # Every rank is data-parallel: expert-load counts are summed over the whole world.
         self.reduce_counts = make_count_reducer(None) if self.ctx.distributed else None
+
+    def _init_from_hf(self) -> None:
+        """model.init_from: each rank reads its own shards of the HF weights (a resumed run then
+        overwrites them from its checkpoint)."""
+        if self.cfg.model.init_from:
+            from checkpointing.hf.load import load_hf_weights
+
+            load_hf_weights(self.model, self.cfg.model.init_from, dict(self.cfg.checkpoint.storage_options or {}))
 
     def _ckpt_base(self) -> str:
         # <checkpoint.root>/<run_name>/step_N; root defaults to the parent of the run directory.

@@ -63,6 +63,10 @@ class Qwen3Moe(Family):
         from moe.config import MoEConfig
 
         check_act(hf)
+        # transformers 5 stores num_experts as num_local_experts (an attribute alias).
+        hf = {**hf, "num_experts": hf.get("num_experts", hf.get("num_local_experts"))}
+        if hf["num_experts"] is None:
+            refuse_import("config.json has neither num_experts nor num_local_experts")
         n = int(hf["num_hidden_layers"])
         step = int(hf.get("decoder_sparse_step", 1))
         dense = set(hf.get("mlp_only_layers") or [])
