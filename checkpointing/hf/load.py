@@ -114,12 +114,13 @@ class _Importer:
         experts = torch.arange(E) if idx[0] is None else idx[0]
         if self._fused(src):
             name = f"{src.base}.gate_up_proj" if src.part in ("gate", "up") else f"{src.base}.down_proj"
-            full = _rows(self.hf, name, experts).float()  # [e, out, in] of this rank's experts
             F = shape[2] if src.part != "down" else shape[1]
-            if src.part == "gate":
-                full = full[:, :F]
-            elif src.part == "up":
-                full = full[:, F:]
+            if src.part == "down":
+                full = _rows(self.hf, name, experts).float()  # [e, D, F] of this rank's experts
+            else:  # only this part's half of each of this rank's experts: gate rows first, then up
+                lo = 0 if src.part == "gate" else F
+                blocks = [self.hf.read_block(name, e, lo, lo + F).float() for e in experts.tolist()]
+                full = torch.stack(blocks) if blocks else torch.zeros(0, F, shape[1])
             t = full.transpose(1, 2)  # ours = HF^T per expert
             return _pick(_pick(t, 1, idx[1]), 2, idx[2])
         # Per expert, HF[e] = ours[e]^T: HF rows are our dim 2, HF columns our dim 1.

@@ -108,26 +108,36 @@ class HFDir:
     def shape(self, name: str) -> Tuple[int, ...]:
         return tuple(self._entry(name)[2]["shape"])
 
-    def read_rows(self, name: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        """Rows ``start:stop`` of dim 0 (the whole tensor by default), reading only their bytes."""
+    def read_block(self, name: str, i: int, start: int, stop: int) -> torch.Tensor:
+        """``t[i, start:stop]`` of a tensor of rank >= 2 (one expert's gate or up half of a fused
+        ``gate_up_proj``), reading only its bytes."""
         fname, base, e = self._entry(name)
-        dtype = _DTYPES.get(e["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{self.path}: {name} has dtype {e['dtype']}, not one read here")
         shape = list(e["shape"])
-        lo, hi = e["data_offsets"]
-        if not shape:
-            start, stop, row = 0, 1, hi - lo
-        else:
-            stop = shape[0] if stop is None else stop
-            row = (hi - lo) // max(shape[0], 1)
-        n = (stop - start) * row
+        row = (e["data_offsets"][1] - e["data_offsets"][0]) // max(shape[0] * shape[1], 1)
+        return self._read(name, fname, base + e["data_offsets"][0] + (i * shape[1] + start) * row,
+                          (stop - start) * row, e["dtype"], [stop - start] + shape[2:])
+
+    def _read(self, name: str, fname: str, offset: int, n: int, dtype_name: str, shape: List[int]) -> torch.Tensor:
+        dtype = _DTYPES.get(dtype_name)
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: {name} has dtype {dtype_name}, not one read here")
         if n <= 0:
-            return torch.empty([0] + shape[1:], dtype=dtype)
+            return torch.empty(shape, dtype=dtype)
         with self.fs.open(self._p(fname), "rb") as f:
-            f.seek(base + lo + start * row)
+            f.seek(offset)
             buf = bytearray(f.read(n))
         if len(buf) != n:
             raise CheckpointError(f"{self.path}/{fname}: truncated reading {name}")
-        t = torch.frombuffer(buf, dtype=dtype)
-        return t.reshape([stop - start] + shape[1:]) if shape else t.reshape(())
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def read_rows(self, name: str, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """Rows ``start:stop`` of dim 0 (the whole tensor by default), reading only their bytes."""
+        fname, base, e = self._entry(name)
+        shape = list(e["shape"])
+        lo, hi = e["data_offsets"]
+        if not shape:
+            return self._read(name, fname, base + lo, hi - lo, e["dtype"], [])
+        stop = shape[0] if stop is None else stop
+        row = (hi - lo) // max(shape[0], 1)
+        return self._read(name, fname, base + lo + start * row, (stop - start) * row, e["dtype"],
+                          [max(stop - start, 0)] + shape[1:])
