@@ -66,8 +66,11 @@ class HFDir:
     def __init__(self, path: str, storage_options: Optional[Dict[str, Any]] = None):
         import fsspec
 
+        from checkpointing.storage import fsspec_options
+
         self.path = path.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.path, **(storage_options or {}))
+        # Our S3 short names (endpoint_url, region, ...) as checkpoint.storage_options takes them.
+        self.fs, self.root = fsspec.core.url_to_fs(self.path, **fsspec_options(self.path, storage_options))
         self._headers: Dict[str, Tuple[int, Dict[str, Any]]] = {}
         if not self.fs.exists(self._p("config.json")):
             raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")

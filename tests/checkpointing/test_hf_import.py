@@ -105,3 +105,21 @@ def test_import_refuses_unread_tensors(tmp_path):
     small.init_weights(0)
     with pytest.raises(CheckpointError, match="no place for"):
         load_hf_weights(small, out)
+
+
+def test_import_from_s3(tmp_path, s3):
+    """An HF directory on s3:// (a real S3 API on loopback), read by byte range."""
+    from checkpointing.storage import Storage
+
+    model = trained(family_cfg("qwen3"), steps=1)
+    out = _export(tmp_path, model)
+    opts = s3.storage_options()
+    url = f"s3://{s3.bucket}/hf/qwen3"
+    remote = Storage(url, opts)
+    for name in ("config.json", "model.safetensors"):
+        remote.put_file(f"{out}/{name}", f"{url}/{name}")
+    fresh = Transformer(model_config_from_hf(url, opts))
+    fresh.init_weights(5)
+    load_hf_weights(fresh, url, opts)
+    for k, t in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], t), k
