@@ -46,9 +46,15 @@ class Transformer(nn.Module):
             aux = aux + layer_aux
         return self.norm(x_BTD), aux
 
-    def forward(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, T, V] and the summed MoE auxiliary loss (scalar, already weighted)."""
+    def forward(self, tokens_BT: torch.Tensor, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, V] and the summed MoE auxiliary loss (scalar, already weighted).
+
+        ``head(h_BTD, output_weight)``, when given, replaces the output projection: it runs inside
+        this forward, where a sharded (FSDP2) model's head weight is gathered (a distillation
+        teacher forms its logits chunk by chunk there, never all at once)."""
         h_BTD, aux = self.forward_hidden(tokens_BT)
+        if head is not None:
+            return head(h_BTD, self.output_weight()), aux
         if self.output is None:
             return nn.functional.linear(h_BTD, self.tok_embeddings.weight), aux
         return self.output(h_BTD), aux
