@@ -84,6 +84,9 @@ class ModelConfig:
     # Initialise from a Hugging Face directory (local or s3://) instead of the seed; empty = off.
     # Read by train/ through checkpointing/hf/ (docs/checkpointing.md); the model never opens it.
     init_from: str = ""
+    # Sparse upcycling: a dense HF model's MLP copied into every expert (and the shared expert) of
+    # this MoE model, everything else as init_from; the routers keep their seeded init.
+    init_from_dense: str = ""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)

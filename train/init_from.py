@@ -32,6 +32,11 @@ def resolve_init_from(cfg, dcfg, overrides: Iterable[str], storage_options: Dict
     """``cfg`` (typed TrainConfig) with its model section resolved against ``model.init_from``.
     ``dcfg`` is the composed DictConfig (to read the command line's values), ``overrides`` the
     command line's Hydra overrides."""
+    if cfg.model.init_from_dense:
+        if cfg.model.init_from:
+            raise ConfigError("model.init_from and model.init_from_dense are exclusive: give one")
+        check_upcycling(cfg, storage_options)
+        return cfg
     path = cfg.model.init_from
     if not path:
         return cfg
@@ -65,3 +70,35 @@ def resolve_init_from(cfg, dcfg, overrides: Iterable[str], storage_options: Dict
     merged.init_from = path
     cfg.model = merged
     return cfg
+
+
+def check_upcycling(cfg, storage_options: Dict[str, Any] | None = None) -> None:
+    """``model.init_from_dense``: the MoE model of ``model=`` must be the dense model's architecture
+    with MoE FFNs whose experts have the dense MLP's width."""
+    from checkpointing.errors import CheckpointError
+    from checkpointing.hf.compare import architecture_view
+    from checkpointing.hf.load import model_config_from_hf
+
+    m, path = cfg.model, cfg.model.init_from_dense
+    opts = storage_options if storage_options is not None else dict(cfg.checkpoint.storage_options or {})
+    try:
+        dense = model_config_from_hf(path, opts)
+    except CheckpointError as e:
+        raise ConfigError(f"model.init_from_dense={path}: {e}") from e
+    if dense.moe.n_experts:
+        raise ConfigError(f"model.init_from_dense={path} is already a MoE; upcycling starts from a dense model")
+    if m.moe.n_experts < 1:
+        raise ConfigError("model.init_from_dense needs a MoE model (model.moe.n_experts >= 1)")
+    bad = []
+    if m.moe.expert_dim != dense.ffn_dim:
+        bad.append(f"model.moe.expert_dim={m.moe.expert_dim} (config.json intermediate_size: {dense.ffn_dim})")
+    if m.moe.n_shared_experts * m.moe.expert_dim not in (0, dense.ffn_dim):
+        bad.append(f"model.moe.n_shared_experts={m.moe.n_shared_experts} (the shared expert is one copy of the MLP)")
+    ours, theirs = architecture_view(m), architecture_view(dense)
+    for key in sorted(set(ours) | set(theirs)):
+        if key.startswith("model.moe") or key in ("model.ffn_dim", "model.ffn_activation"):
+            continue
+        if ours.get(key, "-") != theirs.get(key, "-"):
+            bad.append(f"{key}={ours.get(key, '-')} (config.json: {theirs.get(key, '-')})")
+    if bad:
+        raise ConfigError(f"model.init_from_dense={path}: the MoE model does not upcycle it: " + "; ".join(bad))

@@ -110,12 +110,14 @@ class Trainer:
         self.reduce_counts = make_count_reducer(None) if self.ctx.distributed else None
 
     def _init_from_hf(self) -> None:
-        """model.init_from: each rank reads its own shards of the HF weights (a resumed run then
-        overwrites them from its checkpoint)."""
-        if self.cfg.model.init_from:
+        """model.init_from / init_from_dense: each rank reads its own shards of the HF weights (a
+        resumed run then overwrites them from its checkpoint)."""
+        m = self.cfg.model
+        if m.init_from or m.init_from_dense:
             from checkpointing.hf.load import load_hf_weights
 
-            load_hf_weights(self.model, self.cfg.model.init_from, dict(self.cfg.checkpoint.storage_options or {}))
+            load_hf_weights(self.model, m.init_from or m.init_from_dense,
+                            dict(self.cfg.checkpoint.storage_options or {}), upcycle=bool(m.init_from_dense))
 
     def _ckpt_base(self) -> str:
         # <checkpoint.root>/<run_name>/step_N; root defaults to the parent of the run directory.

@@ -11,6 +11,7 @@ experts, whole or by rows). The name and layout rewrite is the export table read
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from checkpointing.errors import CheckpointError
 from checkpointing.hf.families import for_hf_config
 from checkpointing.hf.family import Family
-from checkpointing.hf.mapping import Expert, Same, Source, Zero
+from checkpointing.hf.mapping import Copies, Expert, Keep, Same, Source, Zero, refuse_import
 from checkpointing.hf.safetensors_io import HFDir
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class _Importer:
         self.read_names: Set[str] = set()
 
     def expected_names(self, src: Source, shape: Tuple[int, ...]) -> List[str]:
-        if isinstance(src, Same):
+        if isinstance(src, (Same, Copies)):
             return [src.name]
         if isinstance(src, Expert):
             if self._fused(src):
@@ -96,8 +97,18 @@ class _Importer:
     def _fused(self, src: Expert) -> bool:
         return self.hf.has(f"{src.base}.gate_up_proj")
 
-    def local(self, our: str, src: Source, shape: Tuple[int, ...], idx: List[Optional[torch.Tensor]]) -> torch.Tensor:
-        """Our tensor ``our`` (global ``shape``) restricted to ``idx``, in fp32."""
+    def local(self, our: str, src: Source, shape: Tuple[int, ...], idx: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+        """Our tensor ``our`` (global ``shape``) restricted to ``idx``, in fp32 (None: keep as is)."""
+        if isinstance(src, Keep):
+            return None
+        if isinstance(src, Copies):  # every expert = the dense HF matrix, transposed
+            if self.hf.shape(src.name) != (shape[2], shape[1]):
+                raise CheckpointError(f"{self.hf.path}: {src.name} is {self.hf.shape(src.name)}; upcycling into "
+                                      f"our {our} {tuple(shape)} needs {(shape[2], shape[1])} (expert_dim = the "
+                                      "dense intermediate_size)")
+            one = _pick(_rows(self.hf, src.name, idx[2]).float(), 1, idx[1]).t()
+            n = shape[0] if idx[0] is None else idx[0].numel()
+            return one.unsqueeze(0).expand(n, *one.shape).contiguous()
         if isinstance(src, Zero):
             return torch.zeros([shape[d] if i is None else i.numel() for d, i in enumerate(idx)])
         if isinstance(src, Same):
@@ -136,12 +147,18 @@ class _Importer:
 
 
 @torch.no_grad()
-def load_hf_weights(model: torch.nn.Module, path: str, storage_options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def load_hf_weights(model: torch.nn.Module, path: str, storage_options: Optional[Dict[str, Any]] = None,
+                    upcycle: bool = False) -> Dict[str, Any]:
     """Copy the HF weights at ``path`` into ``model``'s (local shards of) parameters and persistent
     buffers. Refuses a tensor of ours without an HF source, an HF tensor nobody reads, a shape
-    mismatch. Returns a small report (family, tensors, bytes read by this rank)."""
+    mismatch. ``upcycle``: ``path`` is a dense model and ``model`` its MoE upcycling (each dense MLP
+    copied into every routed expert and the shared expert; routers keep their seeded init).
+    Returns a small report (family, tensors)."""
     hf = HFDir(path, storage_options)
     family = for_hf_config(hf.config)
+    if upcycle and family.model_type in ("qwen3_moe", "deepseek_v3"):
+        refuse_import(f"model.init_from_dense={path} is a {family.hf_class}: upcycling starts from a dense model")
+    source = (lambda n: upcycle_source(family, n)) if upcycle else family.source
     imp = _Importer(hf, family)
     persistent = {_clean(k) for k in model.state_dict().keys()}
     targets = [(n, p) for n, p in model.named_parameters()] + [(n, b) for n, b in model.named_buffers()]
@@ -151,12 +168,14 @@ def load_hf_weights(model: torch.nn.Module, path: str, storage_options: Optional
         name = _clean(raw)
         if name not in persistent:
             continue  # non-persistent statistics buffers
-        src = family.source(name)
+        src = source(name)
         shape = tuple(p.shape)
         expected.update(imp.expected_names(src, shape))
         idx = _local_indices(p)
         local = p.to_local() if hasattr(p, "to_local") else p
         value = imp.local(name, src, shape, idx)
+        if value is None:
+            continue
         if tuple(value.shape) != tuple(local.shape):
             raise CheckpointError(f"import of {name}: read {tuple(value.shape)} for a local shard of "
                                   f"{tuple(local.shape)}")
@@ -167,5 +186,24 @@ def load_hf_weights(model: torch.nn.Module, path: str, storage_options: Optional
     if unread:
         raise CheckpointError(f"{path}: {len(unread)} tensor(s) our model has no place for, e.g. "
                               f"{sorted(unread)[:3]}: does config.json match the model?")
-    log.info("initialised %d tensors from %s (%s)", n_tensors, path, family.hf_class)
+    log.info("initialised %d tensors from %s (%s%s)", n_tensors, path, family.hf_class, ", upcycled" if upcycle else "")
     return {"family": family.model_type, "tensors": n_tensors}
+
+
+_UPCYCLE = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def upcycle_source(family: Family, name: str) -> Source:
+    """Sparse upcycling (Komatsuzaki et al., 2023): a MoE layer's routed experts and shared expert
+    are copies of the dense layer's MLP; its router is new."""
+    m = re.fullmatch(r"layers\.(\d+)\.ffn\.experts\.(w1|w2|w3)", name)
+    if m:
+        return Copies(f"model.layers.{m.group(1)}.mlp.{_UPCYCLE[m.group(2)]}.weight")
+    m = re.fullmatch(r"layers\.(\d+)\.ffn\.shared\.(w1|w2|w3)\.weight", name)
+    if m:
+        return Same(f"model.layers.{m.group(1)}.mlp.{_UPCYCLE[m.group(2)]}.weight")
+    if re.fullmatch(r"layers\.\d+\.ffn\.router\.gate\.weight", name):
+        return Keep("a new router")
+    if re.fullmatch(r"layers\.\d+\.ffn\.router\.expert_bias", name):
+        return Zero("a new router")
+    return family.source(name)

@@ -9,7 +9,9 @@ A family (``checkpointing/hf/<family>.py``) maps each of our FQNs to a :class:`S
   [F, D]`` and ``down_proj [D, F]`` (the Hub layout, which transformers 5 fuses on load), or fused
   ``gate_up_proj [E, 2F, D]`` (gate rows first) and ``down_proj [E, D, F]``;
 * :class:`Zero`: a tensor HF has no place for; export requires it to be all zeros (e.g. the
-  aux-loss-free selection bias of a softmax-routed Qwen3-MoE), import fills zeros.
+  aux-loss-free selection bias of a softmax-routed Qwen3-MoE), import fills zeros;
+* :class:`Copies` / :class:`Keep`: import only, sparse upcycling of a dense model
+  (``model.init_from_dense``): the dense MLP copied into every expert; the new router as seeded.
 
 Export turns a full state dict into HF tensors (:func:`to_hf`); import reads, for one local shard of
 one of our tensors, exactly the HF rows it needs (``checkpointing/hf/load.py``).
@@ -57,7 +59,19 @@ class Zero:
     why: str
 
 
-Source = Union[Same, Expert, Zero]
+@dataclass(frozen=True)
+class Copies:
+    """Sparse upcycling: every routed expert is a copy of one dense HF matrix ``name`` ([out, in])."""
+    name: str
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Sparse upcycling: no HF source (the new router); the tensor keeps its seeded init."""
+    why: str
+
+
+Source = Union[Same, Expert, Zero, Copies, Keep]
 Rule = Tuple[str, Any]  # (regex over our FQN, replacement string or a Source factory)
 
 

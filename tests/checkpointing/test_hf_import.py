@@ -123,3 +123,44 @@ def test_import_from_s3(tmp_path, s3):
     load_hf_weights(fresh, url, opts)
     for k, t in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], t), k
+
+
+def test_upcycling_copies_the_dense_mlp_into_every_expert(tmp_path):
+    """model.init_from_dense: a transformers Qwen3 (dense) into a Qwen3-MoE-shaped model of ours with
+    a shared expert. Identical experts with normalised top-k weights sum to the MLP, so each MoE
+    layer gives twice the dense MLP (routed + shared); attention and norms are the dense model's."""
+    import dataclasses
+
+    from checkpointing.hf.load import upcycle_source  # noqa: F401  (the mapping under test)
+    from moe.config import MoEConfig
+    from train.init_from import check_upcycling
+
+    hf = _hf_model("qwen3")
+    hf.save_pretrained(tmp_path / "hf")
+    path = str(tmp_path / "hf")
+    dense_cfg = model_config_from_hf(path)
+    dense = Transformer(dense_cfg)
+    dense.init_weights(0)
+    load_hf_weights(dense, path)
+    moe_cfg = dataclasses.replace(dense_cfg, moe=MoEConfig(n_experts=4, top_k=2, expert_dim=dense_cfg.ffn_dim,
+                                                           n_shared_experts=1, norm_topk_prob=True),
+                                  init_from_dense=path)
+    from types import SimpleNamespace
+
+    check_upcycling(SimpleNamespace(model=moe_cfg, checkpoint=SimpleNamespace(storage_options={})))
+    moe = Transformer(moe_cfg)
+    moe.init_weights(1)
+    router_before = moe.layers["0"].ffn.router.gate.weight.clone()
+    load_hf_weights(moe, path, upcycle=True)
+    assert torch.equal(moe.layers["0"].ffn.router.gate.weight, router_before)  # the new router
+    x = torch.randn(2, 5, dense_cfg.d_model)
+    with torch.no_grad():
+        for i in ("0", "3"):
+            y, _ = moe.layers[i].ffn(x)
+            torch.testing.assert_close(y, 2 * dense.layers[i].ffn(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(moe.layers[i].attention.wq.weight, dense.layers[i].attention.wq.weight)
+    bad = dataclasses.replace(moe_cfg, moe=dataclasses.replace(moe_cfg.moe, expert_dim=32))
+    from moe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.moe.expert_dim=32"):
+        check_upcycling(SimpleNamespace(model=bad, checkpoint=SimpleNamespace(storage_options={})))
