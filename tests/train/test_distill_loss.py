@@ -67,3 +67,33 @@ def test_gradient_reaches_the_student_only():
     student.zero_grad()
     (0.5 * kd_reference(student(x), teacher_head(teacher_body(x)).detach(), 2.0)).backward()
     torch.testing.assert_close(g_attach, student.weight.grad)
+
+
+def test_kd_term_through_a_real_teacher_matches_the_formula():
+    """train/distill/step.kd_term: the teacher's head runs inside its forward (chunked), and the
+    attached loss and gradient equal the direct formula on the teacher's full logits."""
+    import contextlib
+
+    from model.transformer import Transformer
+    from tests.checkpointing.hf_helpers import family_cfg
+    from train.distill.config import DistillConfig
+    from train.distill.step import kd_term
+
+    torch.manual_seed(0)
+    student, teacher = Transformer(family_cfg("llama")), Transformer(family_cfg("qwen3"))
+    student.init_weights(0)
+    teacher.init_weights(1)
+    teacher.requires_grad_(False).eval()
+    tokens = torch.randint(0, 96, (2, 9))
+    d = DistillConfig(teacher="x", temperature=2.0, top_k_logits=5, chunk_tokens=4)
+    logits, _ = student(tokens)
+    kd = kd_term(logits, teacher, tokens, d, contextlib.nullcontext)
+    kd.backward()
+    got = student.output.weight.grad.clone()
+    student.zero_grad()
+    logits, _ = student(tokens)
+    ref = kd_reference(logits.flatten(0, 1), teacher(tokens)[0].flatten(0, 1), 2.0, 5)
+    ref.backward()
+    torch.testing.assert_close(kd.detach(), ref.detach())
+    torch.testing.assert_close(got, student.output.weight.grad)
+    assert all(p.grad is None for p in teacher.parameters())
