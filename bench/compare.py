@@ -42,7 +42,7 @@ import torch
 from bench.common import environment, matmul_peak_tflops, median, time_fn, write_json
 from bench.ours import TINY_BATCH, TINY_SEQ, bench_runtime, build_ours, make_batch, model_config
 from model.flops import flops_per_token
-from train.build import Runtime
+from devices.runtime import Runtime
 
 VARIANTS = ("ours", "ours_compiled", "peer", "peer_compiled")
 DATASHEET_TFLOPS = 989.0  # dense bf16, H100 SXM / H200

@@ -13,7 +13,7 @@ import torch
 
 from bench.common import preset
 from model.config import ModelConfig
-from train.build import Runtime, resolve_runtime
+from devices.runtime import Runtime, resolve_runtime
 
 # Same layer pattern as the full presets (dense first layer then MoE; 5 local : 1 global),
 # shrunk so a whole compare run takes seconds on a CPU.

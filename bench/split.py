@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from bench.common import environment, median, time_fn, write_json
 from bench.ours import GRAD_CLIP, TINY_BATCH, TINY_SEQ, bench_runtime, build_ours, make_batch, model_config
 from model.config import ModelConfig
-from train.build import Runtime
+from devices.runtime import Runtime
 
 COMPONENTS = ("attention", "experts", "router_dispatch", "shared_or_dense_mlp", "norms_embed_loss", "optimizer")
 

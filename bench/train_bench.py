@@ -71,7 +71,7 @@ def _top_ops(prof, n: int, window_s: float) -> list:
 def main(argv=None) -> None:
     from parallelism.parallelize import parallelize
     from parallelism.process_group import init_distributed, shutdown
-    from train.build import resolve_runtime
+    from devices.runtime import resolve_runtime
     from train.config import ParallelConfig
     from train.optim import build_optimizer
     from train.config import OptimConfig

@@ -69,7 +69,7 @@ def _neuron_env(c) -> dict:
     """trainer.device=neuron on EKS: the Neuron variables in the pod spec (no precompile step there)."""
     if c.cfg.trainer.device != "neuron":
         return {}
-    from train.neuron_env import recommended_xla_env
+    from devices.neuron_env import recommended_xla_env
 
     return {s.key: s.value for s in recommended_xla_env("neuron", c.cfg.neuron, c.run_dir, local_rank=None)}
 
@@ -104,11 +104,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_CONFIG_ERROR
     gpus = args.gpus_per_node if args.gpus_per_node is not None else int(c.cfg.cluster.accelerators_per_node or 0)
     xla = c.cfg.trainer.device in ("neuron", "xla")
-    if xla:  # NeuronCores are not Slurm GPUs, and the XLA path runs one process (train/neuron_env.py)
+    if xla:  # NeuronCores are not Slurm GPUs, and the XLA path runs one process (devices/neuron_env.py)
         gpus = args.gpus_per_node or 0
     nproc = args.nproc_per_node or gpus or 1
     if xla:
-        from train.neuron_env import xla_config_errors
+        from devices.neuron_env import xla_config_errors
 
         errors = xla_config_errors(c.cfg, args.nodes * nproc)
         if errors:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
+from cost.config import ClusterConfig, CostConfig
+from devices.config import NeuronConfig
 from model.config import ModelConfig
 from train.data.config import DataConfig
 
@@ -90,35 +92,6 @@ class CheckpointConfig:
     upload_root: str = ""  # two tiers: commit to root, then upload to this s3://bucket/prefix in the background
 
 
-@dataclass
-class ClusterConfig:
-    name: str = "local"
-    instance_type: str = "local"
-    accelerator: str = "auto"  # device name for the peak-FLOPs table; auto = detect
-    accelerators_per_node: int = 0  # 0 = whatever the process sees
-    nodes: int = 1
-    lifecycle: str = "on_demand"  # on_demand | spot
-    price_on_demand_per_hour: float = 0.0  # $ per instance-hour
-    price_spot_per_hour: float = 0.0
-    price_source: str = ""  # where the on-demand figure comes from
-    price_date: str = ""
-    spot_price_source: str = ""  # spot prices move: say whether sampled or estimated, and how
-    spot_price_date: str = ""
-    region: str = ""  # region the prices are for
-    peak_tflops_override: float = 0.0  # dense bf16 TFLOP/s per accelerator, 0 = table
-
-
-@dataclass
-class CostConfig:
-    price_per_hour: float = 0.0  # override: $ per instance-hour (0 = catalog)
-    budget_usd: float = 0.0  # 0 = no budget
-    alert_usd: List[float] = field(default_factory=list)  # $ levels: one warning (+ W&B alert) each
-    # Gap between attempts billed at most this long: -1 = the whole gap (capacity stays paid while
-    # a job is requeued), 0 = none (elastic capacity: nothing is paid between attempts).
-    max_gap_billed_s: float = -1.0
-    heartbeat_every_s: float = 30.0  # rank 0 rewrites RUN_DIR/heartbeat.json at most this often
-    projection_warmup_steps: int = 10  # steps of an attempt before its projection is trusted
-    target_tokens: int = 0  # project to this many tokens; 0 = to trainer.max_steps
 
 
 @dataclass
@@ -163,15 +136,6 @@ class LoggingConfig:
     tensorboard: bool = False
     progress: str = "auto"  # auto (bar on a TTY) | on | off
     jsonl: bool = True
-
-
-@dataclass
-class NeuronConfig:
-    """``trainer.device=neuron`` (and its launch templates); train/neuron_env.py, docs/backends.md."""
-
-    compile_cache: str = ""  # "" = <run dir>/neuron-compile-cache; a path or s3://bucket/prefix
-    cc_flags: str = ""  # more neuronx-cc flags, after --model-type=transformer --auto-cast=none
-    precompile_steps: int = 10  # launch: steps of the neuron_parallel_compile trial run; 0 = none
 
 
 @dataclass

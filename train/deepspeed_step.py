@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import torch
 
 from moe.balance import update_expert_bias
-from train.build import Runtime
+from devices.runtime import Runtime
 from train.step import StepResult, lm_loss, next_micro_batch
 
 

@@ -61,7 +61,7 @@ def write_resolved_config(cfg: TrainConfig, directory: str) -> None:
 
 
 def _log_xla(runtime, xla_env: dict) -> None:
-    from train.neuron_env import extracting_graphs
+    from devices.neuron_env import extracting_graphs
 
     log.info("xla: %s", runtime.xla.versions())
     for setting in xla_env["set"]:
@@ -76,14 +76,14 @@ def _log_xla(runtime, xla_env: dict) -> None:
 
 
 def run(cfg: TrainConfig) -> int:
-    from train.cost import process_start_time
+    from cost.meter import process_start_time
 
     start_time = process_start_time()  # interpreter start and imports are billed too
     validate_train_config(cfg)  # before any process group or allocation
     from health.runtime import HealthRuntime
     from parallelism.efa import apply_efa_env, versions_report
     from parallelism.process_group import apply_slurm_env
-    from train.build import resolve_runtime
+    from devices.runtime import resolve_runtime
 
     apply_slurm_env()  # srun without torchrun: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from Slurm
     directory = run_dir(cfg)
@@ -91,7 +91,7 @@ def run(cfg: TrainConfig) -> int:
     health = HealthRuntime(cfg.health, rank=rank, local_rank=local_rank, world_size=world, run_dir=directory)
     health.apply_early_env()  # NCCL flight recorder: must precede the process group
     efa = apply_efa_env()
-    from train.neuron_env import apply_xla_env, recommended_xla_env
+    from devices.neuron_env import apply_xla_env, recommended_xla_env
 
     # Neuron compiler/cache/runtime variables: read when torch_xla is imported, so before that.
     xla_env = apply_xla_env(recommended_xla_env(cfg.trainer.device, cfg.neuron, directory, local_rank))

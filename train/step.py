@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from moe.balance import update_expert_bias
 from parallelism.parallelize import clip_grad_norm, grad_norm as total_grad_norm
-from train.build import Runtime
+from devices.runtime import Runtime
 from train.optim import can_fold_clip, fold_clip, unfold_clip
 
 

@@ -11,7 +11,7 @@ import torch
 from model.flops import flops_per_token, matmul_params, total_params
 from model.transformer import Transformer
 from moe.balance import routing_stats
-from train.build import Runtime
+from devices.runtime import Runtime
 from train.config import TrainConfig
 from train.exit_codes import EXIT_BUDGET, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED
 from train.optim import build_optimizer, lr_at, set_lr
@@ -42,7 +42,7 @@ class Trainer:
         from parallelism.expert_parallel import make_count_reducer
         from parallelism.parallelize import parallelize
         from train.data import build_datasets
-        from train.goodput import RunAccounting
+        from cost.goodput import RunAccounting
 
         cfg, t = self.cfg, self.cfg.trainer
         self.train_ds, self.val_ds, self.data_info = build_datasets(cfg.data, cfg.model.vocab_size, None)
@@ -64,7 +64,7 @@ class Trainer:
             self.model.init_weights(t.seed, device=self.runtime.init_device)
             self._init_from_hf()
             if self.runtime.init_device != self.runtime.device:
-                self.model.to(self.runtime.device)  # XLA: initialised on CPU, then moved (train/xla.py)
+                self.model.to(self.runtime.device)  # XLA: initialised on CPU, then moved (devices/xla.py)
             self.optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
             meshes = getattr(self.model, "meshes", None)
             self.reduce_counts = (make_count_reducer(meshes.dp_group) if meshes is not None and self.ctx.distributed
@@ -76,7 +76,7 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint, self._ckpt_base(), self.run_name, rank=self.ctx.rank,
                                       world_size=self.ctx.world_size, process_group=self.ctx.control_group)
         from health.imds import ImdsClient
-        from train.pricing import resolve_cluster
+        from cost.pricing import resolve_cluster
 
         # On EC2, IMDS names the instance type and spot/on-demand, which pick the catalog price.
         imds = ImdsClient(cfg.health.imds_endpoint, timeout_s=cfg.health.imds_timeout_s)
@@ -211,7 +211,7 @@ class Trainer:
 
     def _loop(self) -> tuple[int, str]:
         from train.data import rank_micro_batches, validation_batches
-        from train.goodput import next_save_step
+        from cost.goodput import next_save_step
 
         cfg, t = self.cfg, self.cfg.trainer
         # eval_batches x global_batch_size sequences, the same fixed set at every world size; each
@@ -370,7 +370,7 @@ class Trainer:
         log.info("run directory: %s (metrics.jsonl, config.yaml, rank*.log, step_* checkpoints)", self.run_dir)
 
     def _log(self, result, val_loss, window, tokens_per_step) -> None:
-        from train.throughput import throughput
+        from cost.throughput import throughput
 
         cfg, t = self.cfg, self.cfg.trainer
         elapsed, steps = time.perf_counter() - window["t0"], window["steps"]
@@ -381,7 +381,8 @@ class Trainer:
         tp = throughput(tokens=steps * tokens_per_step, seconds=elapsed, n_devices=self.ctx.world_size,
                         flops_per_token=self.flops_per_token, device=self.runtime.device,
                         peak_override_tflops=cfg.cluster.peak_tflops_override,
-                        peak_flops=self.runtime.peak_flops(cfg.cluster),  # None: from the device
+                        # None: looked up from the device
+                        peak_flops=self.runtime.peak_flops(cfg.cluster.accelerator, cfg.cluster.peak_tflops_override),
                         remaining_steps=t.max_steps - self.step, seconds_per_step=elapsed / max(1, steps))
         m = {"step": self.step, "loss": loss_t.item(), "lr": self._lr(self.step - 1), **tp,
              "mem_gib": _memory_gib(self.runtime), "data_wait": window["data_wait"] / max(elapsed, 1e-9),

@@ -65,7 +65,7 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(f"trainer.precision={t.precision!r} must be one of {PRECISIONS}")
     if t.device not in DEVICES:
         _fail(f"trainer.device={t.device!r} must be one of {DEVICES}")
-    from train.neuron_env import xla_config_errors
+    from devices.neuron_env import xla_config_errors
 
     for error in xla_config_errors(cfg, world_size):  # trainer.device=neuron|xla only
         _fail(error)
@@ -108,12 +108,10 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(f"checkpoint.async_mode={c.async_mode!r} must be one of {ASYNC_MODES}")
     if not c.resume:
         _fail("checkpoint.resume is empty: use auto, none or a checkpoint path")
-    from train.cost import validate_cost_config
+    from cost.validate import validate_cluster_config, validate_cost_config
 
-    for error in validate_cost_config(cfg.cost):
+    for error in validate_cost_config(cfg.cost) + validate_cluster_config(cfg.cluster):
         _fail(error)
-    if cfg.cluster.nodes < 1:
-        _fail(f"cluster.nodes={cfg.cluster.nodes} must be >= 1")
     if p.timeout_s <= 0:
         _fail(f"parallel.timeout_s={p.timeout_s} must be > 0")
     if p.engine not in ENGINES:

@@ -7,7 +7,7 @@ import torch
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train.build import Runtime
+from devices.runtime import Runtime
 from train.optim import can_fold_clip
 from train.step import train_step
 

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import os
 
-from train.config import ClusterConfig, CostConfig
+from cost.config import ClusterConfig, CostConfig
 
 log = logging.getLogger("moeforge")
 

@@ -69,7 +69,7 @@ def test_killed_twice_spend_and_goodput_match_the_wall_clock(tmp_path):
     assert totals.get("lost_work", 0) > 0  # steps past the commits were redone
     assert "redone" in p.stdout and "goodput after attempt 3" in p.stdout
 
-    from train.report import main as report_main
+    from cost.report import main as report_main
 
     report_main([str(run)])
     html = (run / "report" / "report.html").read_text()

@@ -53,7 +53,7 @@ def throughput(
     given, else looked up for ``device`` (``peak_override_tflops`` > 0 wins over the table).
     """
     if peak_flops is None:
-        from train.devices import detect_accelerator, peak_flops as table_peak
+        from devices.peaks import detect_accelerator, peak_flops as table_peak
 
         peak_flops = table_peak(detect_accelerator(device), peak_override_tflops)
     tok_s = tokens_per_s(tokens, seconds)

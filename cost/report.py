@@ -1,4 +1,4 @@
-"""`python -m train.report RUN_DIR`: RUN_DIR/report/report.html and its PNGs.
+"""`python -m cost.report RUN_DIR`: RUN_DIR/report/report.html and its PNGs.
 
 Reads what a run leaves behind, every piece optional: ``metrics.jsonl`` (the last row per step
 wins: a resumed run re-logs the steps after its checkpoint), ``heartbeat.json`` (the attempt
@@ -17,11 +17,10 @@ import statistics
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from train.cost import (
-    history_totals, newest_state, read_heartbeat, state_history, usd_per_mtok,
-)
-from train.goodput import summarize
-from train.projection import project, restart_stats, what_if
+from cost.heartbeat import read_heartbeat
+from cost.meter import history_totals, newest_state, state_history, usd_per_mtok
+from cost.goodput import hms, summarize
+from cost.projection import project, restart_stats, what_if
 
 log = logging.getLogger("moeforge")
 
@@ -157,9 +156,7 @@ def _usd(v: Optional[float]) -> str:
 def _hours(s: Optional[float]) -> str:
     if s is None:
         return "n/a (never finishes)"
-    from train.metrics import format_duration
-
-    return f"{s / 3600:,.2f} h" if s >= 36000 else format_duration(s)
+    return f"{s / 3600:,.2f} h" if s >= 36000 else hms(s)
 
 
 def cost_table(d: Dict[str, Any]) -> List[Tuple[str, str]]:
@@ -237,7 +234,7 @@ def render_html(d: Dict[str, Any], images: Dict[str, str]) -> str:
 
 def build_report(run_dir: str, out_dir: Optional[str] = None, ckpt_dir: Optional[str] = None) -> str:
     """Writes report.html and one PNG per plot; returns the HTML path."""
-    from train import report_plots as rp
+    from cost import report_plots as rp
 
     out_dir = out_dir or os.path.join(run_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
@@ -257,7 +254,7 @@ def build_report(run_dir: str, out_dir: Optional[str] = None, ckpt_dir: Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m cost.report", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--checkpoint-dir", default=None,
                     help="where the step_* directories are (default: RUN_DIR)")

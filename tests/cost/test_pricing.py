@@ -7,8 +7,8 @@ import json
 from health.imds import ImdsClient
 from tests.health.imds_server import ImdsServer
 from tests.train.runner import FAST, run_train
-from train.config import ClusterConfig, CostConfig
-from train.pricing import catalog_entry, resolve_cluster
+from cost.config import ClusterConfig, CostConfig
+from cost.pricing import catalog_entry, resolve_cluster
 
 
 def test_catalog_entries_load():

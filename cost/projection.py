@@ -21,7 +21,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Sequence
 
-from train.cost import interruptions, interruptions_per_hour, usd_for
+from cost.meter import interruptions, interruptions_per_hour, usd_for
 
 
 @dataclass

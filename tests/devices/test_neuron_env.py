@@ -1,4 +1,4 @@
-"""trainer.device=neuron|xla without torch_xla: the environment plan (train/neuron_env.py), the
+"""trainer.device=neuron|xla without torch_xla: the environment plan (devices/neuron_env.py), the
 config rules, the per-NeuronCore peak, where the step cuts XLA graphs, and that the core never
 imports torch_xla for cpu/cuda. tests/xla/ runs the device itself where torch_xla is installed."""
 
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from moe.config import ConfigError
-from train.config import NeuronConfig, TrainConfig
-from train.neuron_env import (apply_xla_env, compile_cache_url, extracting_graphs, precompile_overrides,
+from devices.config import NeuronConfig
+from train.config import TrainConfig
+from devices.neuron_env import (apply_xla_env, compile_cache_url, extracting_graphs, precompile_overrides,
                               recommended_xla_env, shell_exports, xla_config_errors)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -137,7 +138,7 @@ def test_run_name_ignores_device_and_neuron_keys():
 
 
 def test_neuroncore_peaks():
-    from train.devices import neuroncore_peak_flops, peak_flops
+    from devices.peaks import neuroncore_peak_flops, peak_flops
 
     assert neuroncore_peak_flops("Trainium1") == pytest.approx(95e12)  # 190 per chip, 2 cores
     assert neuroncore_peak_flops("trn2") == pytest.approx(667e12 / 8 * 2)  # default LNC=2
@@ -164,7 +165,7 @@ def _tiny_model():
 
 
 def test_step_cuts_xla_graphs_per_micro_batch_and_after_the_update():
-    from train.build import Runtime
+    from devices.runtime import Runtime
     from train.optim import build_optimizer
     from train.config import OptimConfig
     from train.step import evaluate, train_step
@@ -183,7 +184,7 @@ def test_step_cuts_xla_graphs_per_micro_batch_and_after_the_update():
     evaluate(model, batches, runtime)
     assert xla.syncs == 3
     assert runtime.init_device == torch.device("cpu")
-    assert Runtime(torch.device("cpu"), None).peak_flops(None) is None  # non-XLA: from the device
+    assert Runtime(torch.device("cpu"), None).peak_flops("auto") is None  # non-XLA: from the device
 
 
 def test_neuron_device_without_torch_xla_names_the_aws_repository():
@@ -191,7 +192,7 @@ def test_neuron_device_without_torch_xla_names_the_aws_repository():
 
     if importlib.util.find_spec("torch_xla") is not None:
         pytest.skip("torch_xla is installed here: tests/xla covers the device")
-    from train.build import resolve_runtime
+    from devices.runtime import resolve_runtime
 
     with pytest.raises(RuntimeError, match="pip.repos.neuron.amazonaws.com"):
         resolve_runtime("neuron", "auto")

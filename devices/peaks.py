@@ -19,8 +19,6 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from train.config import ClusterConfig
-
 # name -> (dense bf16 TFLOP/s per device, source)
 # Sources checked on 2026-11-22 unless marked "unverified".
 PEAK_BF16_TFLOPS: Dict[str, Tuple[float, str]] = {
@@ -149,21 +147,23 @@ def peak_flops(name: str, override_tflops: float = 0.0) -> float:
     return entry[0] * 1e12 if entry else 0.0
 
 
-def resolve_peak(cluster: ClusterConfig, device: Any = None) -> Tuple[str, float]:
-    """(accelerator name, dense bf16 peak FLOP/s per device) for a run.
+def resolve_peak(accelerator: str, peak_tflops_override: float = 0.0,
+                 device: Any = None) -> Tuple[str, float]:
+    """(accelerator name, dense bf16 peak FLOP/s per device) for a run, from the two
+    ``cluster`` fields that matter (``cluster.accelerator``, ``cluster.peak_tflops_override``).
 
     ``cluster.accelerator: auto`` detects the device; a named accelerator wins (Trainium has no
     CUDA name to detect), but when a CUDA device says otherwise we warn: a p5 config run on an L4
     would otherwise report MFU against the wrong peak.
     """
     detected = detect_accelerator(device)
-    if cluster.accelerator in ("", "auto"):
+    if accelerator in ("", "auto"):
         name = detected
     else:
-        name = normalize_accelerator(cluster.accelerator)
+        name = normalize_accelerator(accelerator)
         if detected not in ("cpu", name) and detected in PEAK_BF16_TFLOPS:
             warnings.warn(
-                f"cluster.accelerator={cluster.accelerator!r} but this process runs on "
+                f"cluster.accelerator={accelerator!r} but this process runs on "
                 f"{detected!r}; MFU uses {name!r}. Set cluster=local or the matching cluster."
             )
-    return name, peak_flops(name, cluster.peak_tflops_override)
+    return name, peak_flops(name, peak_tflops_override)

@@ -1,8 +1,8 @@
-"""train/projection.py: projections and the spot/on-demand what-if, by hand."""
+"""cost/projection.py: projections and the spot/on-demand what-if, by hand."""
 
 import pytest
 
-from train.projection import (
+from cost.projection import (
     budget_warning, project, remaining_steps, restart_stats, wall_with_interruptions, what_if,
 )
 

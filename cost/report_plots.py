@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from train.goodput import BADPUT  # noqa: E402
+from cost.goodput import BADPUT  # noqa: E402
 
 _FIGSIZE = (8.0, 4.2)
 _EXIT_COLORS = {0: "tab:green", 75: "tab:orange", 76: "tab:purple", 77: "tab:red", 1: "black",

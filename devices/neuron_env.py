@@ -36,7 +36,8 @@ import re
 import shlex
 from typing import Dict, List, Mapping, MutableMapping, Optional
 
-from parallelism.efa import EnvSetting  # key, value, reason: the EFA settings' record too
+from devices.config import NeuronConfig
+from devices.env import EnvSetting  # key, value, reason: the EFA settings' record too
 
 XLA_DEVICES = ("neuron", "xla")
 DEFAULT_CC_FLAGS = ("--model-type=transformer", "--auto-cast=none")
@@ -94,7 +95,7 @@ def xla_config_errors(cfg, world_size: int) -> List[str]:
     return errors
 
 
-def compile_cache_url(neuron_cfg, run_dir: str) -> str:
+def compile_cache_url(neuron_cfg: NeuronConfig, run_dir: str) -> str:
     """``neuron.compile_cache`` (a path, made absolute, or an ``s3://`` URL), else
     ``<run_dir>/neuron-compile-cache``."""
     where = neuron_cfg.compile_cache
@@ -105,13 +106,14 @@ def compile_cache_url(neuron_cfg, run_dir: str) -> str:
     return os.path.abspath(where)
 
 
-def neuron_cc_flags(neuron_cfg) -> str:
+def neuron_cc_flags(neuron_cfg: NeuronConfig) -> str:
     extra = neuron_cfg.cc_flags.split()
     ours = [f for f in DEFAULT_CC_FLAGS if f.split("=")[0] not in {e.split("=")[0] for e in extra}]
     return " ".join(ours + extra)
 
 
-def recommended_xla_env(device: str, neuron_cfg, run_dir: str, local_rank: Optional[int] = 0) -> List[EnvSetting]:
+def recommended_xla_env(device: str, neuron_cfg: NeuronConfig, run_dir: str,
+                        local_rank: Optional[int] = 0) -> List[EnvSetting]:
     """The variables a ``device`` run sets (empty for ``cpu``/``cuda``/``xla``).
 
     ``local_rank`` None leaves out the per-process ones (the launcher's exports)."""

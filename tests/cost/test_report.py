@@ -1,4 +1,4 @@
-"""`python -m train.report` on synthetic run directories: two attempts (the first killed after
+"""`python -m cost.report` on synthetic run directories: two attempts (the first killed after
 its checkpoint), a dense run, and an empty directory."""
 
 import json
@@ -11,10 +11,12 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="the report needs matplotlib: pip install 'moeforge[report]'")
 
-from train.cost import Budget, CostMeter, Heartbeat  # noqa: E402
-from train.goodput import GoodputLedger, resume_accounting  # noqa: E402
-from train.report import build_report, compute, last_per_step  # noqa: E402
-from train.report_plots import PLOTS  # noqa: E402
+from cost.budget import Budget  # noqa: E402
+from cost.heartbeat import Heartbeat  # noqa: E402
+from cost.goodput import GoodputLedger, resume_accounting  # noqa: E402
+from cost.meter import CostMeter  # noqa: E402
+from cost.report import build_report, compute, last_per_step  # noqa: E402
+from cost.report_plots import PLOTS  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 T0 = 1_700_000_000.0
@@ -74,7 +76,7 @@ def _attempt(run_dir, start, first_step, last_step, *, moe, ckpt_at=(), exit_cod
 
 
 def _read_hb(run_dir):
-    from train.cost import read_heartbeat
+    from cost.heartbeat import read_heartbeat
 
     return read_heartbeat(run_dir)
 
@@ -126,7 +128,7 @@ def test_two_attempt_report(two_attempts):
 
 def test_report_cli_and_last_row_per_step(two_attempts):
     run, _, _ = two_attempts
-    p = subprocess.run([sys.executable, "-m", "train.report", str(run)], cwd=REPO, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "cost.report", str(run)], cwd=REPO, capture_output=True,
                        text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == str(run / "report" / "report.html")
@@ -153,6 +155,6 @@ def test_empty_run_dir_still_renders(tmp_path):
 
 
 def test_missing_run_dir_exits_2(tmp_path):
-    from train.report import main
+    from cost.report import main
 
     assert main([str(tmp_path / "nope")]) == 2

@@ -1,4 +1,4 @@
-"""train/cost.py against hand-computed cases, and the cluster catalog loaded through Hydra."""
+"""cost/meter.py against hand-computed cases, and the cluster catalog loaded through Hydra."""
 
 import json
 import os
@@ -7,10 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from train.config import ClusterConfig, CostConfig
-from train.cost import (
-    CostMeter, price_per_hour, price_per_instance_hour, tokens_per_usd, usd_per_hour, usd_per_mtok,
-)
+from cost.config import ClusterConfig, CostConfig
+from cost.meter import CostMeter, price_per_instance_hour, tokens_per_usd, usd_per_hour, usd_per_mtok
 
 CLUSTER_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cluster")
 CATALOG = sorted(f[:-5] for f in os.listdir(CLUSTER_DIR) if f.endswith(".yaml"))
@@ -19,7 +17,6 @@ CATALOG = sorted(f[:-5] for f in os.listdir(CLUSTER_DIR) if f.endswith(".yaml"))
 def test_rate_precedence():
     c = ClusterConfig(nodes=4, price_on_demand_per_hour=55.04, price_spot_per_hour=20.0)
     assert usd_per_hour(c, CostConfig()) == pytest.approx(4 * 55.04)
-    assert price_per_hour(c, CostConfig()) == pytest.approx(4 * 55.04)  # the trainer's name
     c.lifecycle = "spot"
     assert usd_per_hour(c, CostConfig()) == pytest.approx(80.0)
     assert usd_per_hour(c, CostConfig(price_per_hour=30.0)) == pytest.approx(120.0)

@@ -1,11 +1,11 @@
-"""The goodput ledger and resume accounting (train/goodput.py) against hand-computed runs."""
+"""The goodput ledger and resume accounting (cost/goodput.py) against hand-computed runs."""
 
 import json
 
 import pytest
 
-from train.cost import CostMeter
-from train.goodput import GoodputLedger, lost_work_s, resume_accounting, summarize
+from cost.meter import CostMeter
+from cost.goodput import GoodputLedger, lost_work_s, resume_accounting, summarize
 
 
 def test_ledger_summary_other_and_ettr():
@@ -108,9 +108,9 @@ def test_first_attempt_is_fresh():
 
 # -- RunAccounting: the loop's calls, on a fake clock ---------------------------------------------
 
-from train.config import ClusterConfig, CostConfig  # noqa: E402
-from train.cost import read_heartbeat  # noqa: E402
-from train.goodput import RunAccounting, next_save_step  # noqa: E402
+from cost.config import ClusterConfig, CostConfig  # noqa: E402
+from cost.heartbeat import read_heartbeat  # noqa: E402
+from cost.goodput import RunAccounting, next_save_step  # noqa: E402
 
 
 class Clock:

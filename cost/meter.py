@@ -1,5 +1,6 @@
-"""What a run costs: the hourly rate from the cluster catalog, a meter that spans attempts, the
-heartbeat file that lets the next attempt bill a killed one, and the budget.
+"""What a run costs: the hourly rate from the cluster catalog and a meter that spans attempts
+(the heartbeat file that lets the next attempt bill a killed one: cost/heartbeat.py; the budget:
+cost/budget.py).
 
 The rate is per instance-hour times nodes: ``cost.price_per_hour`` (an override, e.g. a negotiated
 or Savings-Plan rate) wins; else ``cluster.price_spot_per_hour`` when ``cluster.lifecycle`` is
@@ -21,21 +22,17 @@ different rate (spot after on-demand) does not re-price the past. docs/cost.md h
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from train.config import ClusterConfig, CostConfig
-from train.exit_codes import EXIT_BUDGET
+from cost.config import ClusterConfig, CostConfig
 
 log = logging.getLogger("moeforge")
 
 LIFECYCLES = ("on_demand", "spot")
 STATE_VERSION = 2
-HEARTBEAT_FILE = "heartbeat.json"
-HEARTBEAT_VERSION = 1
 # Exits after which the next start is a person's choice, not a requeue: the gap is not billed.
 DELIBERATE_EXITS = (0, 2, 77)
 
@@ -58,10 +55,6 @@ def usd_per_hour(cluster: ClusterConfig, cost: CostConfig) -> float:
     if cluster.nodes < 1:
         raise ValueError(f"cluster.nodes={cluster.nodes} must be >= 1")
     return price_per_instance_hour(cluster, cost) * cluster.nodes
-
-
-# The name the trainer uses: the whole run's $ per hour (instance price x nodes).
-price_per_hour = usd_per_hour
 
 
 def process_start_time() -> float:
@@ -318,207 +311,3 @@ def newest_state(*states: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         if s and (best is None or key(s) >= key(best)):
             best = s
     return best
-
-
-# -- heartbeat ------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write-then-rename: a reader sees the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_heartbeat(run_dir: str) -> Optional[Dict[str, Any]]:
-    """The run directory's heartbeat, or None when there is none. An unreadable one is reported
-    (warning naming the file) and ignored: totals then come from the checkpoint alone."""
-    path = os.path.join(run_dir, HEARTBEAT_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            hb = json.load(f)
-        if int(hb.get("version", 1)) > HEARTBEAT_VERSION:
-            raise ValueError(f"heartbeat version {hb.get('version')} is newer than this code")
-        return hb
-    except (OSError, ValueError) as e:
-        log.warning("ignoring unreadable %s (%s): the cost of attempts after the last checkpoint "
-                    "is not billed; delete the file to silence this", path, e)
-        return None
-
-
-class Heartbeat:
-    """Rank 0 rewrites ``RUN_DIR/heartbeat.json`` at most every ``every_s`` seconds (and on
-    ``force``): the cost state (attempt history), the goodput ledger and anything extra."""
-
-    def __init__(self, run_dir: str, every_s: float = 30.0, enabled: bool = True):
-        self.path = os.path.join(run_dir, HEARTBEAT_FILE)
-        self.every_s = float(every_s)
-        self.enabled = enabled
-        self._last_write = -float("inf")
-
-    def maybe_write(self, meter: CostMeter, ledger: Any = None, now: Optional[float] = None,
-                    force: bool = False, **extra: Any) -> bool:
-        now = time.time() if now is None else now
-        if not self.enabled or (not force and now - self._last_write < self.every_s):
-            return False
-        body = {"version": HEARTBEAT_VERSION, "updated": now, "cost": meter.state_dict(now)}
-        if ledger is not None:
-            body["goodput"] = ledger.state_dict()
-        body.update(extra)
-        write_json_atomic(self.path, body)
-        self._last_write = now
-        return True
-
-
-# -- budget ---------------------------------------------------------------------------------------
-
-
-def spend_at_next_save(spent_usd: float, usd_per_hour: float, steps_to_next_save: int,
-                       step_time_s: float, save_time_s: float = 0.0) -> float:
-    """Spend when the next checkpoint would be committed, at the current rate and step time."""
-    return spent_usd + usd_for(max(0, steps_to_next_save) * max(0.0, step_time_s)
-                               + max(0.0, save_time_s), usd_per_hour)
-
-
-def should_stop(spent_now: float, projected_spend_at_next_save: Optional[float],
-                budget_usd: float) -> bool:
-    """Stop (save now, exit 77) when the spend has reached the budget, or would pass it before
-    the next save could commit. ``budget_usd`` <= 0 is no budget."""
-    if budget_usd <= 0:
-        return False
-    if spent_now >= budget_usd:
-        return True
-    return projected_spend_at_next_save is not None and projected_spend_at_next_save > budget_usd
-
-
-def budget_stop_message(spent_usd: float, budget_usd: float, step: int,
-                        projected_usd: Optional[float] = None) -> str:
-    why = (f"spent ${spent_usd:.2f} of cost.budget_usd=${budget_usd:.2f}" if spent_usd >= budget_usd
-           else f"spent ${spent_usd:.2f}; the next checkpoint would bring it to "
-                f"${projected_usd or 0.0:.2f}, past cost.budget_usd=${budget_usd:.2f}")
-    return (f"budget exhausted at step {step}: {why}. Saved a checkpoint and exiting "
-            f"{EXIT_BUDGET} (do not resubmit). To continue, raise cost.budget_usd and run the same command.")
-
-
-def budget_refusal_message(spent_usd: float, budget_usd: float, step: int,
-                           stopped: bool = True) -> str:
-    """What a re-run says when the budget is spent (or the run stopped on this same budget):
-    it does not train further. ``stopped``: a budget stop happened at ``step`` (else the spend
-    reached the budget some other way, e.g. a killed attempt, and ``step`` is the resumed one)."""
-    where = (f"stopped on its budget at step {step}" if stopped
-             else f"has used up its budget (resumed at step {step})")
-    return (f"not training: this run {where} (spent ${spent_usd:.2f}, "
-            f"cost.budget_usd=${budget_usd:.2f}). Exiting {EXIT_BUDGET}. To continue, raise the "
-            f"budget, e.g. cost.budget_usd={_suggest(budget_usd)}.")
-
-
-def _suggest(budget: float) -> str:
-    return f"{budget * 1.5:.0f}" if budget >= 10 else f"{budget * 1.5:.2f}"
-
-
-def alert_message(level_usd: float, spent_usd: float, budget_usd: float) -> str:
-    of = f" of cost.budget_usd=${budget_usd:.2f}" if budget_usd > 0 else ""
-    return f"cost alert: spent ${spent_usd:.2f}, past the ${level_usd:.2f} level{of}"
-
-
-def alerts_crossed(spent_usd: float, levels: Iterable[float], fired: Iterable[float]) -> List[float]:
-    """Alert levels reached by ``spent_usd`` that have not fired yet, ascending."""
-    done = {float(x) for x in fired}
-    return sorted(float(x) for x in set(levels) if float(x) not in done and spent_usd >= float(x))
-
-
-def wandb_alert_hook(wandb_run: Any) -> Callable[[str, str], None]:
-    """A callable ``(title, text)`` that raises a W&B alert on ``wandb_run`` (None: no-op)."""
-    def hook(title: str, text: str) -> None:
-        if wandb_run is None:
-            return
-        import wandb
-
-        wandb_run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
-
-    return hook
-
-
-class Budget:
-    """``cost.budget_usd`` and ``cost.alert_usd`` over a run: which alerts fired (once each,
-    across attempts: persist ``state_dict`` in trainer_state) and whether to stop."""
-
-    def __init__(self, budget_usd: float = 0.0, alert_usd: Iterable[float] = (),
-                 hooks: Sequence[Callable[[str, str], None]] = ()):
-        self.budget_usd = float(budget_usd or 0.0)
-        self.alert_usd = sorted(float(x) for x in alert_usd)
-        self.hooks = list(hooks)
-        self.fired: List[float] = []
-        self.stopped_at: Optional[Dict[str, Any]] = None
-
-    @classmethod
-    def from_config(cls, cost: CostConfig, hooks: Sequence[Callable[[str, str], None]] = ()) -> "Budget":
-        return cls(cost.budget_usd, cost.alert_usd, hooks)
-
-    def refuse_start(self, spent_usd: float, step: int) -> Optional[str]:
-        """At start, after resume: the refusal message when the budget is already spent, or when
-        the run already stopped on a budget at least this large (it stops a little short of
-        the budget, so ``spent < budget`` alone would let a re-run train on). Raising
-        ``cost.budget_usd`` above the stop's budget lets the run continue."""
-        if self.budget_usd <= 0:
-            return None
-        stopped = self.stopped_at or {}
-        same_budget = bool(stopped) and self.budget_usd <= float(stopped.get("budget_usd", 0.0))
-        if spent_usd >= self.budget_usd or same_budget:
-            return budget_refusal_message(spent_usd, self.budget_usd,
-                                          int(stopped.get("step", step)), stopped=bool(stopped))
-        return None
-
-    def alerts(self, spent_usd: float) -> List[str]:
-        """Messages for levels newly crossed (logged as warnings and sent to every hook)."""
-        out = []
-        for level in alerts_crossed(spent_usd, self.alert_usd, self.fired):
-            msg = alert_message(level, spent_usd, self.budget_usd)
-            self.fired.append(level)
-            log.warning(msg)
-            for hook in self.hooks:
-                try:
-                    hook(f"moeforge cost ${level:.2f}", msg)
-                except Exception as e:  # an alert must not kill the run: say so loudly instead
-                    log.warning("cost alert hook failed: %s", e)
-            out.append(msg)
-        return out
-
-    def check(self, spent_now: float, projected_at_next_save: Optional[float], step: int) -> Optional[str]:
-        """Alerts, then the stop decision: the stop message, or None to go on."""
-        self.alerts(spent_now)
-        if not should_stop(spent_now, projected_at_next_save, self.budget_usd):
-            return None
-        self.stopped_at = {"step": int(step), "spent_usd": float(spent_now),
-                           "budget_usd": self.budget_usd}
-        return budget_stop_message(spent_now, self.budget_usd, step, projected_at_next_save)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"fired": list(self.fired), "stopped_at": self.stopped_at}
-
-    def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
-        state = state or {}
-        self.fired = [float(x) for x in state.get("fired", [])]
-        self.stopped_at = state.get("stopped_at")
-
-
-def validate_cost_config(cost: CostConfig) -> List[str]:
-    """Problems with the ``cost`` section, each naming the field and the fix ([] when fine)."""
-    errors = []
-    if cost.budget_usd < 0 or cost.price_per_hour < 0:
-        errors.append("cost.budget_usd and cost.price_per_hour must be >= 0")
-    if any(a <= 0 for a in cost.alert_usd):
-        errors.append(f"cost.alert_usd={list(cost.alert_usd)} must hold $ levels > 0")
-    if cost.max_gap_billed_s < 0 and cost.max_gap_billed_s != -1:
-        errors.append(f"cost.max_gap_billed_s={cost.max_gap_billed_s} must be -1 (bill the whole "
-                      "gap), 0 (none) or a cap in seconds > 0")
-    if cost.heartbeat_every_s <= 0:
-        errors.append(f"cost.heartbeat_every_s={cost.heartbeat_every_s} must be > 0")
-    if cost.projection_warmup_steps < 0 or cost.target_tokens < 0:
-        errors.append("cost.projection_warmup_steps and cost.target_tokens must be >= 0")
-    return errors

@@ -13,7 +13,7 @@ import torch
 class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast dtype, None = full fp32
-    xla: Any = None  # train.xla.XlaRuntime for trainer.device=neuron|xla, else None
+    xla: Any = None  # devices.xla.XlaRuntime for trainer.device=neuron|xla, else None
 
     @property
     def device_type(self) -> str:
@@ -31,18 +31,21 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def sync(self) -> None:
-        """XLA: cut the traced graph here and run it (train/xla.py says where). Elsewhere nothing."""
+        """XLA: cut the traced graph here and run it (devices/xla.py says where). Elsewhere nothing."""
         if self.xla is not None:
             self.xla.sync()
 
-    def peak_flops(self, cluster) -> float | None:
-        """XLA: the peak per process (train/xla.py); None elsewhere (looked up from the device)."""
-        return self.xla.peak_flops(cluster) if self.xla is not None else None
+    def peak_flops(self, accelerator: str = "auto", peak_tflops_override: float = 0.0) -> float | None:
+        """XLA: the peak per process (devices/xla.py); None elsewhere (looked up from the device).
+        The arguments are ``cluster.accelerator`` and ``cluster.peak_tflops_override``."""
+        if self.xla is None:
+            return None
+        return self.xla.peak_flops(accelerator, peak_tflops_override)
 
 
 def resolve_runtime(device: str, precision: str, local_rank: int = 0) -> Runtime:
     if device in ("neuron", "xla"):
-        from train.xla import XlaRuntime  # the only import of torch_xla, and only for these devices
+        from devices.xla import XlaRuntime  # the only import of torch_xla, and only for these devices
 
         xla = XlaRuntime(device)
         precision = xla.default_precision() if precision == "auto" else precision

@@ -21,16 +21,18 @@ the ledger only has to count what it can name; ``other`` takes the rest.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Optional, Sequence
 
-from train.cost import (
-    Budget, CostMeter, Heartbeat, newest_state, read_heartbeat, spend_at_next_save,
-)
-from train.projection import Projection, budget_warning, project
+from cost.budget import Budget, spend_at_next_save
+from cost.config import ClusterConfig, CostConfig
+from cost.heartbeat import Heartbeat, read_heartbeat
+from cost.meter import CostMeter, newest_state
+from cost.projection import Projection, budget_warning, project
 
 log = logging.getLogger("moeforge")
 
@@ -39,7 +41,10 @@ BADPUT = CATEGORIES[1:] + ("other",)
 STATE_VERSION = 1
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: Optional[float]) -> str:
+    """``H:MM:SS`` (hours not wrapped at 24, like the metric line's eta); ``n/a`` when unknown."""
+    if seconds is None or math.isnan(seconds) or math.isinf(seconds):
+        return "n/a"
     s = max(0, int(round(seconds)))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
@@ -61,12 +66,12 @@ def summary_line(summary: Dict[str, Any], attempt: Optional[int] = None) -> str:
     """``goodput: ETTR 87.1% of 1:02:03 paid | productive 0:54:00 | startup 0:03:10 (5.1%) ...``"""
     ettr = summary["ettr"]
     head = f"goodput{f' after attempt {attempt}' if attempt else ''}: ETTR " + (
-        f"{ettr * 100:.1f}%" if ettr is not None else "n/a") + f" of {_hms(summary['paid_s'])} paid"
-    parts = [f"productive {_hms(summary['seconds']['productive'])}"]
+        f"{ettr * 100:.1f}%" if ettr is not None else "n/a") + f" of {hms(summary['paid_s'])} paid"
+    parts = [f"productive {hms(summary['seconds']['productive'])}"]
     for c in BADPUT:
         v = summary["seconds"][c]
         if v > 0:
-            parts.append(f"{c} {_hms(v)} ({summary['fraction'][c] * 100:.1f}%)")
+            parts.append(f"{c} {hms(v)} ({summary['fraction'][c] * 100:.1f}%)")
     return " | ".join([head] + parts)
 
 
@@ -141,8 +146,8 @@ class ResumeInfo:
         if self.source == "fresh":
             return "cost: attempt 1 of this run"
         return (f"cost: attempt {self.attempt}; totals from the {self.source}; gap since the last "
-                f"attempt {_hms(self.gap_raw_s)} ({_hms(self.gap_billed_s)} billed); "
-                f"{self.lost_steps} steps past the last commit are redone ({_hms(self.lost_s)})")
+                f"attempt {hms(self.gap_raw_s)} ({hms(self.gap_billed_s)} billed); "
+                f"{self.lost_steps} steps past the last commit are redone ({hms(self.lost_s)})")
 
 
 def resume_accounting(meter: CostMeter, ledger: GoodputLedger,
@@ -198,7 +203,8 @@ class RunAccounting:
     rank may do, but stop decisions should be taken on rank 0 and shared (the loop's all-reduce).
     """
 
-    def __init__(self, cluster: Any, cost_cfg: Any, run_dir: str, start_time: float, *,
+    def __init__(self, cluster: ClusterConfig, cost_cfg: CostConfig, run_dir: str,
+                 start_time: float, *,
                  rank: int = 0, clock: Callable[[], float] = time.time,
                  hooks: Sequence[Callable[[str, str], None]] = ()):
         self.cfg, self.run_dir, self.clock = cost_cfg, run_dir, clock

@@ -1,9 +1,9 @@
-"""train/devices.py: the peak table, name detection and the CPU rule (0 = unknown)."""
+"""devices/peaks.py: the peak table, name detection and the CPU rule (0 = unknown)."""
 
 import pytest
 import torch
 
-from train.devices import PEAK_BF16_TFLOPS, detect_accelerator, normalize_accelerator, peak_flops
+from devices.peaks import PEAK_BF16_TFLOPS, detect_accelerator, normalize_accelerator, peak_flops
 
 
 @pytest.mark.parametrize(
@@ -56,10 +56,13 @@ def test_detect_real_gpu():
 
 
 def test_resolve_peak_from_cluster_config():
-    from train.config import ClusterConfig
-    from train.devices import resolve_peak
+    from cost.config import ClusterConfig
+    from devices.peaks import resolve_peak
 
-    assert resolve_peak(ClusterConfig(), "cpu") == ("cpu", 0.0)
-    assert resolve_peak(ClusterConfig(accelerator="Trainium2"), "cpu") == ("Trainium2", 667e12)
-    name, peak = resolve_peak(ClusterConfig(accelerator="auto", peak_tflops_override=1.0), "cpu")
+    def fields(c):  # resolve_peak takes the two cluster fields it reads
+        return c.accelerator, c.peak_tflops_override
+
+    assert resolve_peak(*fields(ClusterConfig()), "cpu") == ("cpu", 0.0)
+    assert resolve_peak(*fields(ClusterConfig(accelerator="Trainium2")), "cpu") == ("Trainium2", 667e12)
+    name, peak = resolve_peak(*fields(ClusterConfig(accelerator="auto", peak_tflops_override=1.0)), "cpu")
     assert (name, peak) == ("cpu", 1e12)

@@ -72,24 +72,25 @@ class XlaRuntime:
         """``trainer.precision=auto``: bf16 autocast on accelerators, fp32 on torch-xla's CPU device."""
         return "fp32" if self.hw_type.upper() == "CPU" else "bf16"
 
-    def peak_flops(self, cluster) -> float:
+    def peak_flops(self, accelerator: str, peak_tflops_override: float = 0.0) -> float:
         """Dense bf16 peak of what one process drives (FLOP/s); 0 = unknown (MFU prints n/a).
+        ``accelerator`` and ``peak_tflops_override`` are the ``cluster`` fields of those names.
 
         On Trainium a process drives one (logical) NeuronCore, not a chip: the chip's peak over its
         physical cores, times the cores a logical core groups (NEURON_LOGICAL_NC_CONFIG; the
         default is 2 on Trainium2, 1 on Trainium1)."""
-        from train.devices import neuroncore_peak_flops, normalize_accelerator
+        from devices.peaks import neuroncore_peak_flops, normalize_accelerator
 
-        if cluster.peak_tflops_override > 0:
-            return cluster.peak_tflops_override * 1e12
+        if peak_tflops_override > 0:
+            return peak_tflops_override * 1e12
         if not self.is_neuron:
             return 0.0
-        name = normalize_accelerator(cluster.accelerator)
+        name = normalize_accelerator(accelerator)
         lnc = os.environ.get("NEURON_LOGICAL_NC_CONFIG")
         peak = neuroncore_peak_flops(name, int(lnc) if lnc and lnc.isdigit() else None)
         if peak == 0.0:
             log.warning("MFU: cluster.accelerator=%r is not a Trainium generation; pick cluster=trn1.32xlarge "
-                        "(or trn1n/trn2), set cluster.accelerator, or cluster.peak_tflops_override", cluster.accelerator)
+                        "(or trn1n/trn2), set cluster.accelerator, or cluster.peak_tflops_override", accelerator)
         return peak
 
     def memory_gib(self) -> Optional[float]:
