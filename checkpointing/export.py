@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 
@@ -29,6 +29,9 @@ from checkpointing.hf.families import FAMILIES, for_model
 from checkpointing.hf.mapping import EXPERT_LAYOUTS
 from checkpointing.hf.safetensors_io import write_hf_dir
 from checkpointing.storage import Storage
+
+if TYPE_CHECKING:  # model/ is imported lazily: ls and verify never need it
+    from model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ def load_model_config(step_dir: str, st: Storage, config_path: Optional[str] = N
     return OmegaConf.to_object(merged)
 
 
-def load_model_weights(step_dir: str, st: Storage, cfg) -> Dict[str, torch.Tensor]:
+def load_model_weights(step_dir: str, st: Storage, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
     """Full (unsharded) fp32/bf16 model tensors keyed by our FQNs, read through DCP."""
     from model.transformer import Transformer
 
@@ -115,18 +118,18 @@ def load_model_weights(step_dir: str, st: Storage, cfg) -> Dict[str, torch.Tenso
 
 
 # -- the families (checkpointing/hf/), and the names bench/peer.py and older callers use ------------
-def architecture(cfg) -> str:
+def architecture(cfg: ModelConfig) -> str:
     """The family key (an HF ``model_type``) of the class that expresses ``cfg`` exactly."""
     return for_model(cfg).model_type
 
 
-def llama_config(cfg, dtype: str) -> Dict[str, Any]:
+def llama_config(cfg: ModelConfig, dtype: str) -> Dict[str, Any]:
     fam = FAMILIES["llama"]
     fam.check(cfg)
     return fam.config_json(cfg, dtype)
 
 
-def deepseek_v3_config(cfg, dtype: str) -> Dict[str, Any]:
+def deepseek_v3_config(cfg: ModelConfig, dtype: str) -> Dict[str, Any]:
     fam = FAMILIES["deepseek_v3"]
     fam.check(cfg)
     return fam.config_json(cfg, dtype)

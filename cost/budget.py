@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from cost.config import CostConfig
 from cost.meter import usd_for
-from health.flags import EXIT_BUDGET  # health never imports cost or train
+from health.exit_codes import ExitCode  # health never imports cost or train
 
 log = logging.getLogger("moeforge")
 
@@ -38,7 +38,7 @@ def budget_stop_message(spent_usd: float, budget_usd: float, step: int,
            else f"spent ${spent_usd:.2f}; the next checkpoint would bring it to "
                 f"${projected_usd or 0.0:.2f}, past cost.budget_usd=${budget_usd:.2f}")
     return (f"budget exhausted at step {step}: {why}. Saved a checkpoint and exiting "
-            f"{EXIT_BUDGET} (do not resubmit). To continue, raise cost.budget_usd and run the same command.")
+            f"{ExitCode.BUDGET_EXHAUSTED} (do not resubmit). To continue, raise cost.budget_usd and run the same command.")
 
 
 def budget_refusal_message(spent_usd: float, budget_usd: float, step: int,
@@ -49,7 +49,7 @@ def budget_refusal_message(spent_usd: float, budget_usd: float, step: int,
     where = (f"stopped on its budget at step {step}" if stopped
              else f"has used up its budget (resumed at step {step})")
     return (f"not training: this run {where} (spent ${spent_usd:.2f}, "
-            f"cost.budget_usd=${budget_usd:.2f}). Exiting {EXIT_BUDGET}. To continue, raise the "
+            f"cost.budget_usd=${budget_usd:.2f}). Exiting {ExitCode.BUDGET_EXHAUSTED}. To continue, raise the "
             f"budget, e.g. cost.budget_usd={_suggest(budget_usd)}.")
 
 

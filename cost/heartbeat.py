@@ -20,12 +20,9 @@ HEARTBEAT_VERSION = 1
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Write-then-rename: a reader sees the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from checkpointing.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=False))
 
 
 def read_heartbeat(run_dir: str) -> Optional[Dict[str, Any]]:

@@ -28,13 +28,14 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from cost.config import ClusterConfig, CostConfig
+from health.exit_codes import ExitCode
 
 log = logging.getLogger("moeforge")
 
 LIFECYCLES = ("on_demand", "spot")
 STATE_VERSION = 2
 # Exits after which the next start is a person's choice, not a requeue: the gap is not billed.
-DELIBERATE_EXITS = (0, 2, 77)
+DELIBERATE_EXITS = (ExitCode.OK, ExitCode.CONFIG_ERROR, ExitCode.BUDGET_EXHAUSTED)
 
 
 def price_per_instance_hour(cluster: ClusterConfig, cost: CostConfig) -> float:

@@ -13,12 +13,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cost.goodput import BADPUT  # noqa: E402
+from health.exit_codes import ExitCode  # noqa: E402
 
 _FIGSIZE = (8.0, 4.2)
-_EXIT_COLORS = {0: "tab:green", 75: "tab:orange", 76: "tab:purple", 77: "tab:red", 1: "black",
-                2: "tab:gray", None: "tab:blue"}
-_EXIT_NAMES = {0: "done", 75: "preempted", 76: "unhealthy", 77: "budget", 1: "crash", 2: "config",
-               None: "killed / running"}
+_E = ExitCode
+_EXIT_COLORS = {_E.OK: "tab:green", _E.PREEMPTED: "tab:orange", _E.UNHEALTHY: "tab:purple", _E.BUDGET_EXHAUSTED: "tab:red",
+                _E.CRASH: "black", _E.CONFIG_ERROR: "tab:gray", None: "tab:blue"}
+_EXIT_NAMES = {_E.OK: "done", _E.PREEMPTED: "preempted", _E.UNHEALTHY: "unhealthy", _E.BUDGET_EXHAUSTED: "budget",
+               _E.CRASH: "crash", _E.CONFIG_ERROR: "config", None: "killed / running"}
 _LOAD_RE = re.compile(r"^moe/L(\d+)/load_e(\d+)$")
 _IMB_RE = re.compile(r"^moe/L(\d+)/imbalance$")
 

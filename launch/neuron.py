@@ -18,9 +18,12 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import dataclass, field
-from typing import List
+from typing import TYPE_CHECKING, List
 
 from launch.config import _has_key
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 
 
 @dataclass
@@ -30,7 +33,7 @@ class NeuronLaunch:
     precompile_run_dir: str = ""
 
 
-def neuron_launch(cfg, overrides: List[str], run_dir: str) -> NeuronLaunch:
+def neuron_launch(cfg: TrainConfig, overrides: List[str], run_dir: str) -> NeuronLaunch:
     """What the script adds for a composed ``trainer.device=neuron`` config and its RUN_DIR."""
     from devices.neuron_env import (PRECOMPILE_SUBDIR, compile_cache_url, precompile_overrides,
                                   recommended_xla_env, shell_exports)

@@ -9,12 +9,12 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from health.exit_codes import ExitCode
 from moe.config import ConfigError
 from train.config import TrainConfig
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
-EXIT_CONFIG_ERROR = 2
 # Absolute, so the tree is found however the package is imported (python -m train, torchrun, tests).
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -36,7 +36,7 @@ def _main(dcfg: DictConfig) -> None:
         code = run(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
-        code = EXIT_CONFIG_ERROR
+        code = ExitCode.CONFIG_ERROR
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

@@ -1,18 +1,26 @@
 """The typed config tree of a run, composed by Hydra from configs/train.yaml and its groups.
 
-Each package takes its own small section (``ModelConfig``, ``DataConfig``, ``CheckpointConfig``,
-...). Rules that span sections live in ``train/validate.py``.
+Each package owns its own small section (``model/config.py``, ``train/data/config.py``,
+``checkpointing/config.py``, ``parallelism/config.py``, ``health/config.py``, ...); this module keeps
+the trainer's own sections and composes them all. Rules that span sections live in ``train/validate.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import List
 
+from checkpointing.config import CheckpointConfig
 from cost.config import ClusterConfig, CostConfig
 from devices.config import NeuronConfig
+from health.config import HealthConfig
 from model.config import ModelConfig
+from parallelism.config import DeepSpeedConfig, ParallelConfig
 from train.data.config import DataConfig
+
+# The sections other packages own, composed below (and importable from here for Hydra users).
+__all__ = ["TrainConfig", "TrainerConfig", "OptimConfig", "LoggingConfig", "ClusterConfig", "CostConfig",
+           "NeuronConfig", "CheckpointConfig", "HealthConfig", "ParallelConfig", "DeepSpeedConfig"]
 
 
 @dataclass
@@ -49,80 +57,6 @@ class OptimConfig:
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # WSD: share of steps in the final decay
     fused: str = "auto"  # auto (fused on CUDA) | true | false
-
-
-@dataclass
-class DeepSpeedConfig:
-    """``parallel.engine=deepspeed`` only (docs/backends.md). The batch, accumulation, clipping and
-    precision keys of DeepSpeed's JSON come from ``trainer``; the optimizer is ours (``optim``)."""
-
-    zero_stage: int = 2  # 1: optimizer state sharded | 2: + gradients | 3: + parameters
-    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
-    offload_param: bool = False  # ZeRO-3 only: parameters live on the CPU between uses
-    overlap_comm: bool = False  # overlap gradient reduction with backward (more memory)
-    reduce_bucket_size: int = 500_000_000  # elements per gradient-reduction bucket
-    # Passed through to DeepSpeed's config as is (e.g. {"zero_optimization": {"round_robin_gradients":
-    # true}}); keys moeforge sets itself are refused, naming the key that sets them.
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ParallelConfig:
-    dp_replicate: int = 1
-    dp_shard: int = -1  # -1: every rank not used by dp_replicate
-    ep: int = 1
-    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    timeout_s: float = 600.0
-    engine: str = "fsdp2"  # fsdp2 | deepspeed (ZeRO 1-3; pip install -e '.[deepspeed]')
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-
-
-@dataclass
-class CheckpointConfig:
-    root: str = ""  # "" = output_dir; a path, an FSx mount or s3://bucket/prefix
-    every_steps: int = 50
-    keep_last: int = 3
-    keep_every: int = 0  # also keep every m-th step forever; 0 = off
-    resume: str = "auto"  # auto | none | a checkpoint path
-    async_mode: str = "off"  # off | thread | process
-    staging: str = "host"  # host | device (thread mode: snapshot in spare GPU memory, ~0 stall)
-    save_final: bool = True
-    storage_options: Dict[str, Any] = field(default_factory=dict)
-    on_save_error: str = "stop"  # stop: a failed save raises; continue: log it, keep training (no marker)
-    upload_root: str = ""  # two tiers: commit to root, then upload to this s3://bucket/prefix in the background
-
-
-
-
-@dataclass
-class HealthConfig:
-    imds_endpoint: str = "http://169.254.169.254"
-    preemption_deadline_s: float = 110.0
-    # docs/resilience.md describes each knob; health/ takes this section duck-typed.
-    preflight: str = "quick"  # off | quick | deep: node check before training (exit 76 when unhealthy)
-    expected_gpus: int = 0  # GPUs per node preflight requires; 0 = cluster.accelerators_per_node (0: any)
-    imds_interval_s: float = 5.0  # spot-notice poll period (AWS recommends 5 s)
-    imds_timeout_s: float = 0.5  # per IMDS request; the first failure turns the watcher off
-    act_on_rebalance: bool = False  # treat an EC2 rebalance recommendation like a spot notice
-    nvml_interval_s: float = 30.0  # GPU health poll period; 0 = off
-    ecc_uncorrected_max: int = 0  # volatile uncorrected ECC errors tolerated before exit 76
-    temp_warn_c: float = 87.0
-    pcie_replay_warn_delta: int = 100  # PCIe replays between two polls that warn
-    nvlink_error_warn_delta: int = 100  # NVLink CRC/replay errors between two polls that warn
-    xid_actions: Dict[str, str] = field(default_factory=dict)  # {"xid": ignore|warn|checkpoint_exit_76}
-    hang_timeout_s: float = 1800.0  # no step for this long: dump stacks, exit 78; 0 = off
-    straggler_every: int = 50  # gather per-rank step times every N steps; 0 = off
-    straggler_threshold: float = 1.2  # rank median / median of medians
-    straggler_windows: int = 5  # m: windows remembered
-    straggler_min_slow: int = 3  # k: windows over the threshold before a rank is named
-    nan_max_skips: int = 3  # consecutive non-finite steps skipped before on_exhausted
-    nan_on_exhausted: str = "rollback"  # rollback (to the last committed checkpoint) | stop
-    nan_max_rollbacks: int = 3  # rollbacks per process before the guard stops instead (exit 1)
-    # Fault injection for drills and tests: the loss of these (1-based) steps is made NaN.
-    fault_inject_nan_steps: List[int] = field(default_factory=list)
-    fault_inject_rank: int = 0  # the rank that hangs or straggles below
-    fault_inject_hang_step: int = 0  # that rank sleeps forever before this step (0 = off)
-    fault_inject_slow_s: float = 0.0  # that rank sleeps this long every step (a straggler)
 
 
 @dataclass

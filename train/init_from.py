@@ -102,3 +102,14 @@ def check_upcycling(cfg, storage_options: Dict[str, Any] | None = None) -> None:
             bad.append(f"{key}={ours.get(key, '-')} (config.json: {theirs.get(key, '-')})")
     if bad:
         raise ConfigError(f"model.init_from_dense={path}: the MoE model does not upcycle it: " + "; ".join(bad))
+
+
+def init_from_pretrained(model, cfg) -> None:
+    """After ``init_weights``: ``model.init_from`` / ``init_from_dense`` overwrite the seeded weights
+    (each rank reads its own shards). A resumed run then loads its checkpoint over them."""
+    m = cfg.model
+    if m.init_from or m.init_from_dense:
+        from checkpointing.hf.load import load_hf_weights
+
+        load_hf_weights(model, m.init_from or m.init_from_dense, dict(cfg.checkpoint.storage_options or {}),
+                        upcycle=bool(m.init_from_dense))

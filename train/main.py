@@ -13,7 +13,7 @@ import os
 from moe.config import ConfigError
 from parallelism.process_group import env_ranks, init_distributed, shutdown
 from train.config import TrainConfig
-from train.exit_codes import EXIT_CONFIG, EXIT_CRASH, EXIT_UNHEALTHY
+from health.exit_codes import ExitCode
 from train.run_dir import run_dir, run_name
 from train.validate import validate_train_config
 
@@ -54,10 +54,10 @@ def write_resolved_config(cfg: TrainConfig, directory: str) -> None:
 
     from train.metrics import redact_secrets
 
+    from checkpointing.atomic import atomic_write_text
+
     blob = redact_secrets(dataclasses.asdict(cfg))
-    with open(os.path.join(directory, "config.yaml.tmp"), "w") as f:
-        f.write(OmegaConf.to_yaml(OmegaConf.create(blob)))
-    os.replace(os.path.join(directory, "config.yaml.tmp"), os.path.join(directory, "config.yaml"))
+    atomic_write_text(os.path.join(directory, "config.yaml"), OmegaConf.to_yaml(OmegaConf.create(blob)))
 
 
 def _log_xla(runtime, xla_env: dict) -> None:
@@ -98,7 +98,7 @@ def run(cfg: TrainConfig) -> int:
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, local_rank)
     ctx = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, runtime.device_type)
     health.group = ctx.control_group
-    code, trainer = EXIT_CRASH, None
+    code, trainer = ExitCode.CRASH, None
     try:
         setup_logging(directory, ctx.rank)
         if ctx.is_main:
@@ -111,7 +111,7 @@ def run(cfg: TrainConfig) -> int:
         expected = cfg.health.expected_gpus or cfg.cluster.accelerators_per_node
         report = health.preflight(expected, cfg.cluster.instance_type) if runtime.device_type == "cuda" else None
         if report is not None and not report.healthy:
-            code = EXIT_UNHEALTHY
+            code = ExitCode.UNHEALTHY
             return code
         from train.trainer import Trainer
 
@@ -119,11 +119,11 @@ def run(cfg: TrainConfig) -> int:
         code = trainer.run()
         return code
     except ConfigError:
-        code = EXIT_CONFIG
+        code = ExitCode.CONFIG_ERROR
         raise
     except Exception:
         log.exception("training crashed")
-        code = EXIT_CRASH
+        code = ExitCode.CRASH
         return code
     finally:
         health.shutdown()

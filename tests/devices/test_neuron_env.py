@@ -168,17 +168,17 @@ def test_step_cuts_xla_graphs_per_micro_batch_and_after_the_update():
     from devices.runtime import Runtime
     from train.optim import build_optimizer
     from train.config import OptimConfig
-    from train.step import evaluate, train_step
+    from train.step import StepInputs, evaluate, train_step
 
     xla = _CountingXla()
     runtime = Runtime(torch.device("cpu"), None, xla)  # the sync points, with CPU tensors
     model = _tiny_model()
     opt = build_optimizer(model, OptimConfig(), "cpu")
     batches = [(torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8))) for _ in range(3)]
-    result = train_step(model, opt, iter(batches), 3, runtime, 1.0, 0.0)
+    result = train_step(model, opt, StepInputs(iter(batches), 3), runtime, 1.0, 0.0)
     assert result.verdict == "ok" and xla.syncs == 3 + 1  # each micro-batch, then the update
     xla.syncs = 0
-    train_step(model, opt, iter(batches), 3, runtime, 1.0, 0.0, guard=lambda norm: "skip")
+    train_step(model, opt, StepInputs(iter(batches), 3, guard=lambda norm: "skip"), runtime, 1.0, 0.0)
     assert xla.syncs == 3 + 1  # a skipped update still closes the step's graph
     xla.syncs = 0
     evaluate(model, batches, runtime)

@@ -1,5 +1,9 @@
 """The one place that knows version-dependent and private PyTorch APIs.
 
+Nothing outside ``compat/`` names a private torch symbol (``torch._*``, ``torch.distributed._*``,
+``DTensor._local_tensor``); each one used elsewhere has a small function here. This package
+imports nothing of ours, so every package may use it.
+
 Grouped GEMM (one kernel for all experts' jagged token groups):
 
 - ``torch.nn.functional.grouped_mm`` is public in 2.11.0+cu130 and 2.13.0+cpu (both probed);
@@ -28,12 +32,14 @@ What the kernel requires (same checks on CPU and CUDA):
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = ["grouped_mm", "grouped_mm_fn", "has_grouped_mm", "grouped_mm_dims_ok", "index_select_1d",
-           "index_select_rows", "cuda_capability"]
+           "index_select_rows", "cuda_capability", "all_to_all_single_autograd", "foreach_mul_",
+           "dump_flight_recorder_trace", "dtensor_local", "fsspec_reader_writer", "dynamo_reset",
+           "raise_dynamo_recompile_limits"]
 
 
 def grouped_mm_fn() -> Optional[Callable]:
@@ -152,3 +158,76 @@ def index_select_rows(x_ND: torch.Tensor, index_M: torch.Tensor) -> torch.Tensor
     if x_ND.device.type == "xla":
         return torch.gather(x_ND, 0, index_M.unsqueeze(-1).expand(-1, x_ND.shape[-1]))
     return x_ND.index_select(0, index_M)
+
+
+def all_to_all_single_autograd(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group) -> torch.Tensor:
+    """Autograd-aware uneven all-to-all (backward is the reverse all-to-all), waited on.
+
+    ``torch.distributed._functional_collectives`` is private; its ``all_to_all_single_autograd``
+    is the only differentiable uneven all-to-all in torch (gloo and NCCL, zero-row splits included).
+    """
+    from torch.distributed._functional_collectives import all_to_all_single_autograd as a2a, wait_tensor
+
+    return wait_tensor(a2a(x, out_splits, in_splits, group))
+
+
+def foreach_mul_(tensors: List[torch.Tensor], scalar: torch.Tensor) -> None:
+    """``torch._foreach_mul_``: one fused in-place multiply over a list (no public name yet)."""
+    torch._foreach_mul_(tensors, scalar)
+
+
+def dump_flight_recorder_trace() -> Optional[bytes]:
+    """The pickled NCCL/c10d flight-recorder trace, or None where this build cannot produce one.
+
+    ``torch._C._distributed_c10d`` is private: ``_dump_nccl_trace`` (CUDA builds; includes NCCL
+    communicator state), else ``_dump_fr_trace`` (any backend, torch >= 2.9). Exceptions from the
+    dump itself propagate: the caller decides whether they matter.
+    """
+    try:
+        from torch._C import _distributed_c10d as c10d
+    except ImportError:
+        return None
+    fn = getattr(c10d, "_dump_nccl_trace", None) or getattr(c10d, "_dump_fr_trace", None)
+    return None if fn is None else fn()
+
+
+def dtensor_local(p: torch.Tensor) -> Optional[torch.Tensor]:
+    """The local shard a DTensor holds, as a view that in-place writes reach; None for a plain tensor.
+
+    ``DTensor.to_local()`` is public but goes through an autograd function; ``_local_tensor`` is
+    the shard tensor itself, which initialisation fills in place.
+    """
+    return getattr(p, "_local_tensor", None)
+
+
+def fsspec_reader_writer() -> Tuple[type, type]:
+    """DCP's ``(FsspecReader, FsspecWriter)``: public names since 2.3, private module before."""
+    try:
+        from torch.distributed.checkpoint import FsspecReader, FsspecWriter
+    except ImportError:  # pragma: no cover - older layouts
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+    return FsspecReader, FsspecWriter
+
+
+def dynamo_reset() -> None:
+    """Drop every compiled graph and its guards (``torch.compiler.reset``; ``torch._dynamo`` before)."""
+    reset = getattr(torch.compiler, "reset", None)
+    if reset is None:  # pragma: no cover - older torch
+        import torch._dynamo
+
+        reset = torch._dynamo.reset
+    reset()
+
+
+def raise_dynamo_recompile_limits(limit: int = 256, accumulated: int = 4096) -> None:
+    """Raise dynamo's recompile limits (names differ across versions; missing ones are skipped).
+
+    Past the default limit of 8 recompiles a function silently runs unfused: benchmarks that
+    recompile per variant must raise it or they time the fallback.
+    """
+    import torch._dynamo
+
+    for name, value in (("recompile_limit", limit), ("cache_size_limit", limit),
+                        ("accumulated_recompile_limit", accumulated), ("accumulated_cache_size_limit", accumulated)):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, value)
