@@ -32,7 +32,10 @@ def _main(dcfg: DictConfig) -> None:
 
         from train.init_from import resolve_init_from
 
+        from train.distill.teacher import check_teacher
+
         cfg = resolve_init_from(to_typed(dcfg), dcfg, HydraConfig.get().overrides.task)
+        check_teacher(cfg)  # distill.teacher: readable, same vocabulary (exit 2 otherwise)
         code = run(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)

@@ -30,6 +30,25 @@ def combine(lm: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:
     return (1.0 - alpha) * lm + alpha * kd
 
 
+def build_kd(cfg, ctx, runtime):
+    """(the ``StepInputs.kd`` callable, the teacher's forward FLOPs per token) for ``cfg.distill``:
+    the teacher is built (frozen, sharded like the student) and checked against the student's vocab."""
+    from train.distill.config import check_teacher_vocab
+    from train.distill.teacher import build_teacher, teacher_model_config
+
+    d = cfg.distill
+    opts = dict(cfg.checkpoint.storage_options or {})
+    tcfg = teacher_model_config(d.teacher, opts)
+    check_teacher_vocab(tcfg.vocab_size, cfg.model.vocab_size, d.teacher)
+    teacher = build_teacher(tcfg, d.teacher, cfg.parallel, ctx, runtime, opts, compile=cfg.trainer.compile)
+
+    def kd(logits_BTV: torch.Tensor, inputs_BT: torch.Tensor, lm: torch.Tensor):
+        k = kd_term(logits_BTV, teacher, inputs_BT, d, runtime.autocast)
+        return combine(lm, k, d.alpha), k
+
+    return kd, teacher_forward_flops_per_token(tcfg, cfg.trainer.seq_len)
+
+
 def teacher_forward_flops_per_token(teacher_cfg, seq_len: int) -> float:
     """The teacher's forward FLOPs per token: a third of its training FLOPs (forward + backward =
     3 x forward for matmuls and attention alike), so MFU and $/Mtok count the teacher too."""

@@ -59,3 +59,12 @@ def build_teacher(tcfg, path: str, parallel_cfg, ctx, runtime, storage_options: 
     if runtime.init_device != runtime.device:
         teacher.to(runtime.device)
     return teacher.eval()
+
+
+def check_teacher(cfg) -> None:
+    """``distill.teacher`` at validation: its config is readable and its vocabulary is the student's."""
+    from train.distill.config import check_teacher_vocab
+
+    if cfg.distill.teacher:
+        tcfg = teacher_model_config(cfg.distill.teacher, dict(cfg.checkpoint.storage_options or {}))
+        check_teacher_vocab(tcfg.vocab_size, cfg.model.vocab_size, cfg.distill.teacher)
