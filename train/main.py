@@ -1,6 +1,6 @@
 """`run(cfg)`: one attempt of a training run, from a typed config to an exit code.
 
-Order (DESIGN.md, "One run"): validate → process group → run directory and logs → data → model
+Order (docs/ARCHITECTURE.md, "One run"): validate → process group → run directory and logs → data → model
 → optimizer → resume → loop → exit code. Nothing here uses the clock for names or paths.
 """
 
