@@ -3,10 +3,13 @@ between ``model=`` and the HF directory's config.json."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List
+
+if TYPE_CHECKING:  # annotations only: model/ is imported where it is used
+    from model.config import ModelConfig
 
 
-def architecture_view(cfg) -> Dict[str, Any]:
+def architecture_view(cfg: ModelConfig) -> Dict[str, Any]:
     """The resolved values that decide the weights' shapes and the forward's math, by key name.
     Run-time knobs (kernel backend, expert kernel, balancing rates, loss coefficients, capacity,
     init) are not in it."""
@@ -47,7 +50,7 @@ def architecture_view(cfg) -> Dict[str, Any]:
     return v
 
 
-def architecture_mismatches(given, expected) -> List[str]:
+def architecture_mismatches(given: ModelConfig, expected: ModelConfig) -> List[str]:
     """``"key=<given> (config.json: <expected>)"`` for each architecture key that differs."""
     g, e = architecture_view(given), architecture_view(expected)
     out = []

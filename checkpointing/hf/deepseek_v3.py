@@ -4,11 +4,14 @@ layers dense and every later one MoE, ``rope_interleave=False`` (our RoPE is rot
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
 from checkpointing.hf.family import Family, check_plain, windows_of
 from checkpointing.hf.mapping import (BASE_RULES, EXPERT_RULES, PRE_NORM_RULES, check_act, refuse, refuse_import,
                                       rope_from_hf, rope_parameters)
+
+if TYPE_CHECKING:  # annotations only: model/ is imported where it is used
+    from model.config import ModelConfig
 
 # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps.
 MLA_NORM_EPS = 1e-6
@@ -32,7 +35,7 @@ class DeepseekV3(Family):
         (r"layers\.(\d+)\.ffn\.shared\.w2\.weight", r"model.layers.\1.mlp.shared_experts.down_proj.weight"),
     ]
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: ModelConfig) -> None:
         from model.config import layer_is_moe
 
         who, m = self.hf_class, cfg.moe
@@ -53,7 +56,7 @@ class DeepseekV3(Family):
             refuse(f"model.norm_eps={cfg.norm_eps:g}: {who}'s MLA-internal norms (q_a_layernorm, "
                    f"kv_a_layernorm) always use eps {MLA_NORM_EPS:g}")
 
-    def config_json(self, cfg, dtype: str) -> Dict[str, Any]:
+    def config_json(self, cfg: ModelConfig, dtype: str) -> Dict[str, Any]:
         a, m = cfg.attention, cfg.moe
         return {
             "architectures": [self.hf_class], "model_type": self.model_type,
@@ -74,7 +77,7 @@ class DeepseekV3(Family):
             "num_nextn_predict_layers": 0, "dtype": dtype, "torch_dtype": dtype, "use_cache": True,
         }
 
-    def model_config(self, hf: Dict[str, Any]):
+    def model_config(self, hf: Dict[str, Any]) -> ModelConfig:
         from model.config import AttentionConfig, ModelConfig
         from moe.config import MoEConfig
 

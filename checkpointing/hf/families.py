@@ -3,7 +3,7 @@ config.json (import)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
 from checkpointing.hf.deepseek_v3 import DeepseekV3
 from checkpointing.hf.dense import Llama, Mistral, Qwen3
@@ -13,11 +13,14 @@ from checkpointing.hf.mapping import refuse, refuse_import
 from checkpointing.hf.olmo2 import Olmo2
 from checkpointing.hf.qwen3_moe import Qwen3Moe
 
+if TYPE_CHECKING:  # annotations only: model/ is imported where it is used
+    from model.config import ModelConfig
+
 FAMILIES: Dict[str, Family] = {f.model_type: f for f in (Llama(), Mistral(), Qwen3(), Qwen3Moe(), Gemma3(),
                                                            Olmo2(), DeepseekV3())}
 
 
-def for_model(cfg) -> Family:
+def for_model(cfg: ModelConfig) -> Family:
     """The one class that can express ``cfg``, chosen by its structure; its ``check`` then refuses the
     details it cannot express."""
     from model.config import layer_kinds

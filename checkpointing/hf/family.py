@@ -6,9 +6,12 @@ A family is exact or refuses: ``check`` names every key of ours the target class
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from checkpointing.hf.mapping import Rule, Source, refuse, refuse_import, rope_parameters, rule_source
+
+if TYPE_CHECKING:  # annotations only: model/ is imported where it is used
+    from model.config import ModelConfig
 
 
 class Family:
@@ -16,14 +19,14 @@ class Family:
     model_type: str = ""
     rules: List[Rule] = []
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: ModelConfig) -> None:
         """Refuse (``ExportRefused``) anything of ``cfg`` this class cannot express exactly."""
         raise NotImplementedError
 
-    def config_json(self, cfg, dtype: str) -> Dict[str, Any]:
+    def config_json(self, cfg: ModelConfig, dtype: str) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def model_config(self, hf: Dict[str, Any]):
+    def model_config(self, hf: Dict[str, Any]) -> ModelConfig:
         """Our ``ModelConfig`` from HF's config.json dict (refuses what we cannot express)."""
         raise NotImplementedError
 
@@ -35,13 +38,13 @@ class Family:
 
 
 # -- shared checks (export) -----------------------------------------------------------------------
-def windows_of(cfg) -> List[int]:
+def windows_of(cfg: ModelConfig) -> List[int]:
     from model.config import layer_windows
 
     return layer_windows(cfg)
 
 
-def check_plain(cfg, who: str, *, embed_scale: bool = False, activation: str = "silu",
+def check_plain(cfg: ModelConfig, who: str, *, embed_scale: bool = False, activation: str = "silu",
                 norm_placement: str = "pre", qk_norm: Optional[str] = None, local_theta: bool = False) -> None:
     """The details each family fixes: embedding scale, FFN activation, norm placement, QK-norm
     (None = none; "head" / "projection" = required with that scope)."""
@@ -64,7 +67,7 @@ def check_plain(cfg, who: str, *, embed_scale: bool = False, activation: str = "
         refuse(f"model.rope.local_theta={cfg.rope.local_theta}: {who} has one RoPE base for every layer")
 
 
-def one_window(cfg, who: str) -> int:
+def one_window(cfg: ModelConfig, who: str) -> int:
     """The single sliding window of the windowed layers (0 if none); refuses several sizes."""
     sizes = sorted(set(w for w in windows_of(cfg) if w > 0))
     if len(sizes) > 1:
@@ -72,7 +75,7 @@ def one_window(cfg, who: str) -> int:
     return sizes[0] if sizes else 0
 
 
-def gqa_config_json(cfg, dtype: str, architecture: str, model_type: str) -> Dict[str, Any]:
+def gqa_config_json(cfg: ModelConfig, dtype: str, architecture: str, model_type: str) -> Dict[str, Any]:
     from model.config import gqa_head_dim
 
     a = cfg.attention
@@ -90,7 +93,7 @@ def gqa_config_json(cfg, dtype: str, architecture: str, model_type: str) -> Dict
 
 
 # -- shared import ------------------------------------------------------------------------------
-def gqa_model_config(hf: Dict[str, Any], **overrides):
+def gqa_model_config(hf: Dict[str, Any], **overrides) -> ModelConfig:
     """``ModelConfig`` of a dense GQA model from the keys every GQA family shares."""
     from checkpointing.hf.mapping import rope_from_hf
     from model.config import AttentionConfig, ModelConfig

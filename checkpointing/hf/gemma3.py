@@ -9,10 +9,13 @@ refuses a model without them. ``query_pre_attn_scalar`` is the head dim (our sof
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
 from checkpointing.hf.family import Family, check_plain, gqa_config_json, gqa_model_config, one_window, windows_of
 from checkpointing.hf.mapping import BASE_RULES, GQA_RULES, check_act, refuse, refuse_import, rope_from_hf
+
+if TYPE_CHECKING:  # annotations only: model/ is imported where it is used
+    from model.config import ModelConfig
 
 _ONE = 1.0
 _RULES = [
@@ -31,7 +34,7 @@ class Gemma3(Family):
     hf_class, model_type = "Gemma3ForCausalLM", "gemma3_text"
     rules = _RULES + BASE_RULES + GQA_RULES  # the offset norm rules first
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: ModelConfig) -> None:
         who = self.hf_class
         if cfg.moe.n_experts > 0:
             refuse(f"model.moe.n_experts={cfg.moe.n_experts}: {who} is dense")
@@ -42,7 +45,7 @@ class Gemma3(Family):
             refuse(f"model.rope.yarn_factor={cfg.rope.yarn_factor}: {who} would apply YaRN to the global layers "
                    "only, ours applies it to every layer")
 
-    def config_json(self, cfg, dtype: str) -> Dict[str, Any]:
+    def config_json(self, cfg: ModelConfig, dtype: str) -> Dict[str, Any]:
         from model.config import gqa_head_dim
 
         out = gqa_config_json(cfg, dtype, self.hf_class, self.model_type)
@@ -60,7 +63,7 @@ class Gemma3(Family):
         })
         return out
 
-    def model_config(self, hf: Dict[str, Any]):
+    def model_config(self, hf: Dict[str, Any]) -> ModelConfig:
         act = check_act(hf, "hidden_activation", tuple(_ACTS)) if "hidden_activation" in hf else "gelu_pytorch_tanh"
         for key in ("final_logit_softcapping", "attn_logit_softcapping"):
             if hf.get(key) is not None:

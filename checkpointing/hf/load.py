@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -22,13 +22,16 @@ from checkpointing.hf.family import Family
 from checkpointing.hf.mapping import Copies, Expert, Keep, Same, Source, Zero, refuse_import
 from checkpointing.hf.safetensors_io import HFDir
 
+if TYPE_CHECKING:  # annotations only: model/ is imported where it is used
+    from model.config import ModelConfig
+
 log = logging.getLogger(__name__)
 
 _WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 _PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
-def model_config_from_hf(path: str, storage_options: Optional[Dict[str, Any]] = None):
+def model_config_from_hf(path: str, storage_options: Optional[Dict[str, Any]] = None) -> ModelConfig:
     """Our ``ModelConfig`` for the HF directory at ``path`` (refuses what we cannot express)."""
     hf = HFDir(path, storage_options)
     return for_hf_config(hf.config).model_config(hf.config)

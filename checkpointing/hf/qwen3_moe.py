@@ -4,11 +4,14 @@ only (no shared expert, no group limit, no scaling), ``norm_topk_prob``; dense l
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
 from checkpointing.hf.family import Family, check_plain, gqa_config_json, gqa_model_config, windows_of
 from checkpointing.hf.mapping import (BASE_RULES, EXPERT_RULES, GQA_RULES, PRE_NORM_RULES, Zero, check_act, refuse,
                                       refuse_import)
+
+if TYPE_CHECKING:  # annotations only: model/ is imported where it is used
+    from model.config import ModelConfig
 
 
 class Qwen3Moe(Family):
@@ -20,7 +23,7 @@ class Qwen3Moe(Family):
                         "(train with model.moe.bias_update_rate=0)")),
     ]
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: ModelConfig) -> None:
         from model.config import layer_is_moe
 
         who, m = self.hf_class, cfg.moe
@@ -43,7 +46,7 @@ class Qwen3Moe(Family):
         if not any(layer_is_moe(cfg)):
             refuse(f"no MoE layer: {who} needs at least one")
 
-    def config_json(self, cfg, dtype: str) -> Dict[str, Any]:
+    def config_json(self, cfg: ModelConfig, dtype: str) -> Dict[str, Any]:
         from model.config import layer_is_moe
 
         m = cfg.moe
@@ -58,7 +61,7 @@ class Qwen3Moe(Family):
         })
         return out
 
-    def model_config(self, hf: Dict[str, Any]):
+    def model_config(self, hf: Dict[str, Any]) -> ModelConfig:
         from model.config import layer_is_moe
         from moe.config import MoEConfig
 
