@@ -76,11 +76,20 @@ def train_steps(model: Transformer, steps: int = 3, lr: float = 1e-2, seed: int 
     return model.eval()
 
 
+_TRAINED: dict = {}
+
+
 def trained(cfg: ModelConfig, steps: int = 3, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
+    """``cfg`` trained ``steps`` steps; the weights are computed once per test process and config
+    (the export and import tests share them), each caller gets its own model."""
+    key = (repr(cfg), steps, seed)
     model = Transformer(cfg)
-    model.init_weights(seed)
-    return train_steps(model, steps, seed=seed)
+    if key not in _TRAINED:
+        torch.manual_seed(seed)
+        model.init_weights(seed)
+        _TRAINED[key] = {k: v.clone() for k, v in train_steps(model, steps, seed=seed).state_dict().items()}
+    model.load_state_dict(_TRAINED[key])
+    return model.eval()
 
 
 def write_run(tmp_path, model: Transformer, step: int = 5) -> str:
