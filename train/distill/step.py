@@ -4,12 +4,15 @@ joins the student's graph with its closed-form gradient (``loss.py``)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Tuple
 
 import torch
 
 from train.distill.config import DistillConfig
 from train.distill.loss import attach, kd_forward
+
+log = logging.getLogger("moeforge")
 
 
 def kd_term(student_logits_BTV: torch.Tensor, teacher: torch.nn.Module, inputs_BT: torch.Tensor,
@@ -41,6 +44,10 @@ def build_kd(cfg, ctx, runtime):
     tcfg = teacher_model_config(d.teacher, opts)
     check_teacher_vocab(tcfg.vocab_size, cfg.model.vocab_size, d.teacher)
     teacher = build_teacher(tcfg, d.teacher, cfg.parallel, ctx, runtime, opts, compile=cfg.trainer.compile)
+    from model.flops import total_params
+
+    log.info("distill: teacher %s (%s, %.2fM params), alpha=%g, temperature=%g, top_k_logits=%d", d.teacher,
+             tcfg.name, total_params(tcfg) / 1e6, d.alpha, d.temperature, d.top_k_logits)
 
     def kd(logits_BTV: torch.Tensor, inputs_BT: torch.Tensor, lm: torch.Tensor):
         k = kd_term(logits_BTV, teacher, inputs_BT, d, runtime.autocast)
