@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Dict
 
 from checkpointing.hf.family import Family, check_plain, windows_of
-from checkpointing.hf.mapping import (BASE_RULES, EXPERT_RULES, PRE_NORM_RULES, check_act, refuse, refuse_import,
-                                      rope_from_hf, rope_parameters)
+from checkpointing.hf.mapping import (BASE_RULES, EXPERT_RULES, PRE_NORM_RULES, Same, Source, check_act, refuse,
+                                      refuse_import, rope_from_hf, rope_parameters)
 
 if TYPE_CHECKING:  # annotations only: model/ is imported where it is used
     from model.config import ModelConfig
@@ -34,6 +34,25 @@ class DeepseekV3(Family):
         (r"layers\.(\d+)\.ffn\.shared\.w3\.weight", r"model.layers.\1.mlp.shared_experts.up_proj.weight"),
         (r"layers\.(\d+)\.ffn\.shared\.w2\.weight", r"model.layers.\1.mlp.shared_experts.down_proj.weight"),
     ]
+
+    def import_source(self, name: str, hf: Dict[str, Any]) -> Source:
+        """``rope_interleave=true`` (DeepSeek's own checkpoints): the rotary dims of each head come in
+        pairs ``(x0, x1), (x2, x3), ...``; HF de-interleaves them (evens, then odds) before a
+        rotate_half RoPE. Permuting the rows that produce them (q's rotary part per head, the shared
+        rotary key) the same way gives our rotate_half layout exactly: scores are unchanged."""
+        src = self.source(name)
+        if not hf.get("rope_interleave", True) or not isinstance(src, Same):
+            return src
+        r, n, heads = int(hf["qk_rope_head_dim"]), int(hf["qk_nope_head_dim"]), int(hf["num_attention_heads"])
+        deinterleave = list(range(0, r, 2)) + list(range(1, r, 2))
+        if src.name.endswith(("self_attn.q_b_proj.weight", "self_attn.q_proj.weight")):
+            rows = [h * (n + r) + (j if j < n else n + deinterleave[j - n]) for h in range(heads)
+                    for j in range(n + r)]
+            return Same(src.name, rows=tuple(rows))
+        if src.name.endswith("self_attn.kv_a_proj_with_mqa.weight") or src.name.endswith("kv_a_proj_with_mqa.bias"):
+            kv = int(hf["kv_lora_rank"])
+            return Same(src.name, rows=tuple(list(range(kv)) + [kv + j for j in deinterleave]))
+        return src
 
     def check(self, cfg: ModelConfig) -> None:
         from model.config import layer_is_moe
@@ -82,8 +101,6 @@ class DeepseekV3(Family):
         from moe.config import MoEConfig
 
         check_act(hf)
-        if hf.get("rope_interleave", True):
-            refuse_import("rope_interleave=true: our MLA RoPE is rotate_half (export writes rope_interleave=false)")
         if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
             refuse_import(f"scoring_func={hf.get('scoring_func')!r} topk_method={hf.get('topk_method')!r}: "
                           "supported is sigmoid with noaux_tc")

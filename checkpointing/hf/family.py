@@ -33,6 +33,11 @@ class Family:
     def source(self, name: str) -> Source:
         return rule_source(name, self.rules)
 
+    def import_source(self, name: str, hf: Dict[str, Any]) -> Source:
+        """The source of our ``name`` when reading a directory with config ``hf`` (a family whose
+        HF layout has variants, e.g. DeepSeek-V3's interleaved RoPE, rewrites it here)."""
+        return self.source(name)
+
     def sources(self, names) -> Dict[str, Source]:
         return {n: self.source(n) for n in names}
 

@@ -120,7 +120,11 @@ class _Importer:
             if self.hf.shape(src.name) != tuple(shape):
                 raise CheckpointError(f"{self.hf.path}: {src.name} is {self.hf.shape(src.name)}, our {our} is "
                                       f"{tuple(shape)}: does config.json match the model?")
-            t = _rows(self.hf, src.name, idx[0]).float()
+            rows = idx[0]
+            if src.rows is not None:  # a row permutation: read the HF rows our rows come from
+                perm = torch.tensor(src.rows, dtype=torch.long)
+                rows = perm if rows is None else perm[rows]
+            t = _rows(self.hf, src.name, rows).float()
             for d in range(1, len(shape)):
                 t = _pick(t, d, idx[d])
             return t + src.offset if src.offset else t
@@ -161,7 +165,8 @@ def load_hf_weights(model: torch.nn.Module, path: str, storage_options: Optional
     family = for_hf_config(hf.config)
     if upcycle and family.model_type in ("qwen3_moe", "deepseek_v3"):
         refuse_import(f"model.init_from_dense={path} is a {family.hf_class}: upcycling starts from a dense model")
-    source = (lambda n: upcycle_source(family, n)) if upcycle else family.source
+    source = ((lambda n: upcycle_source(family, n, hf.config)) if upcycle
+              else (lambda n: family.import_source(n, hf.config)))
     imp = _Importer(hf, family)
     persistent = {_clean(k) for k in model.state_dict().keys()}
     targets = [(n, p) for n, p in model.named_parameters()] + [(n, b) for n, b in model.named_buffers()]
@@ -196,7 +201,7 @@ def load_hf_weights(model: torch.nn.Module, path: str, storage_options: Optional
 _UPCYCLE = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
-def upcycle_source(family: Family, name: str) -> Source:
+def upcycle_source(family: Family, name: str, hf: Dict[str, Any]) -> Source:
     """Sparse upcycling (Komatsuzaki et al., 2023): a MoE layer's routed experts and shared expert
     are copies of the dense layer's MLP; its router is new."""
     m = re.fullmatch(r"layers\.(\d+)\.ffn\.experts\.(w1|w2|w3)", name)
@@ -209,4 +214,4 @@ def upcycle_source(family: Family, name: str) -> Source:
         return Keep("a new router")
     if re.fullmatch(r"layers\.\d+\.ffn\.router\.expert_bias", name):
         return Zero("a new router")
-    return family.source(name)
+    return family.import_source(name, hf)

@@ -46,6 +46,7 @@ def refuse_import(msg: str) -> None:
 class Same:
     name: str
     offset: float = 0.0
+    rows: Optional[Tuple[int, ...]] = None  # import only: our row r is HF row rows[r] (a permutation)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def test_export_import_round_trip(tmp_path, family):
         assert abs(lm_loss(fresh.eval(), tokens).item() - lm_loss(model, tokens).item()) < 1e-5
 
 
-def _hf_model(family: str):
+def _hf_model(family: str, **extra):
     """A transformers model of the family, built from transformers' own config class with its own
     defaults where ours has no say (Gemma 3's 10k/1M RoPE bases, OLMo 2's eps 1e-5), every weight
     perturbed so norms, biases and the routing bias are non-trivial."""
@@ -67,7 +67,8 @@ def _hf_model(family: str):
         c = T.DeepseekV3Config(**{**common, "num_key_value_heads": 4}, moe_intermediate_size=48, n_routed_experts=8,
                                num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
                                first_k_dense_replace=1, routed_scaling_factor=2.5, kv_lora_rank=32, q_lora_rank=24,
-                               qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, rope_interleave=False)
+                               qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                               rope_interleave=extra.get("rope_interleave", False))
     torch.manual_seed(0)
     hf = T.AutoModelForCausalLM.from_config(c, dtype=torch.float32)
     with torch.no_grad():
@@ -82,6 +83,25 @@ def test_import_transformers_model(tmp_path, family):
     hf.save_pretrained(tmp_path / "hf")
     cfg = model_config_from_hf(str(tmp_path / "hf"))
     ours = Transformer(cfg)
+    ours.init_weights(0)
+    load_hf_weights(ours, str(tmp_path / "hf"))
+    assert max_logit_diff(ours, hf) <= 1e-4
+
+
+@pytest.mark.parametrize("q_lora_rank", [24, None])
+def test_import_deepseek_v3_with_interleaved_rope(tmp_path, q_lora_rank):
+    """DeepSeek's own layout (rope_interleave=true, transformers' default): the rotary rows are
+    permuted into our rotate_half layout on import, logits equal."""
+    hf = _hf_model("deepseek_v3", rope_interleave=True)
+    if q_lora_rank is None:  # the plain q projection (DeepSeek-V2-Lite style)
+        hf.config.q_lora_rank = None
+        hf = type(hf)(hf.config).eval()
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    assert hf.config.rope_interleave
+    hf.save_pretrained(tmp_path / "hf")
+    ours = Transformer(model_config_from_hf(str(tmp_path / "hf")))
     ours.init_weights(0)
     load_hf_weights(ours, str(tmp_path / "hf"))
     assert max_logit_diff(ours, hf) <= 1e-4
