@@ -54,3 +54,24 @@ def test_sharded_teacher_matches_one_process():
     single = _teacher(False)
     ref = [_kd(single, tokens[r:r + 1], logits[r:r + 1]) for r in range(2)]
     run_ranks(_worker, 2, tokens, logits, ref)
+
+
+def _ep_worker(rank, world, out):
+    """A dense teacher for a student trained with parallel.ep=2: built with the student's parallel
+    config, it is FSDP2-sharded over the same ranks (no expert parallelism for a dense model)."""
+    from devices.runtime import Runtime
+    from train.distill.teacher import build_teacher, teacher_model_config
+
+    teacher = build_teacher(teacher_model_config(out), out, par(dp_shard=2, ep=2), SimpleNamespace(world_size=world),
+                            Runtime(torch.device("cpu"), None))
+    assert teacher.output.weight.to_local().shape[0] == teacher.output.weight.shape[0] // world
+
+
+def test_dense_teacher_of_an_ep_student(tmp_path):
+    from checkpointing.cli import main as cli_main
+    from tests.checkpointing.hf_helpers import family_cfg, trained, write_run
+
+    out = str(tmp_path / "hf")
+    model = trained(family_cfg("llama"), steps=1)
+    assert cli_main(["export", write_run(tmp_path, model), "--out", out, "--dtype", "float32"]) == 0
+    run_ranks(_ep_worker, 2, out)

@@ -4,6 +4,7 @@ its rows, ``checkpointing/hf/load.py``) or from one of our checkpoints (DCP, eac
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, Optional
 
 import torch
@@ -50,6 +51,11 @@ def build_teacher(tcfg, path: str, parallel_cfg, ctx, runtime, storage_options: 
         for m in teacher.modules():  # the routing bias stays fp32, as in the student
             if hasattr(m, "expert_bias"):
                 m.expert_bias = m.expert_bias.float()
+    if int(parallel_cfg.ep) > 1 and (tcfg.moe.n_experts == 0 or tcfg.moe.n_experts % int(parallel_cfg.ep)):
+        # A dense teacher (or one whose experts do not split ep ways) of an EP student: FSDP2 over the
+        # same ranks, experts (if any) unsplit.
+        parallel_cfg = copy.copy(parallel_cfg)
+        parallel_cfg.ep = 1
     parallelize(teacher, parallel_cfg, ctx, runtime.device_type, compile=compile, reshard_after_forward=True)
     teacher.init_weights(0, device=runtime.init_device)
     if _is_hf_dir(path, storage_options):
