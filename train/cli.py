@@ -30,9 +30,8 @@ def _main(dcfg: DictConfig) -> None:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        from train.init_from import resolve_init_from
-
         from train.distill.teacher import check_teacher
+        from train.init_from import resolve_init_from
 
         cfg = resolve_init_from(to_typed(dcfg), dcfg, HydraConfig.get().overrides.task)
         check_teacher(cfg)  # distill.teacher: readable, same vocabulary (exit 2 otherwise)
