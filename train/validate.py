@@ -106,10 +106,10 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(error)
     from parallelism.validate import parallel_errors
 
+    if p.engine == "deepspeed":  # first: its refusals (e.g. of EP) say more than the layout rules
+        _validate_deepspeed(cfg, world_size)
     for error in parallel_errors(p, world_size, cfg.model.moe.n_experts):
         _fail(error)
-    if p.engine == "deepspeed":
-        _validate_deepspeed(cfg, world_size)
 
 
 def _validate_deepspeed(cfg: TrainConfig, world_size: int) -> None:
