@@ -28,7 +28,13 @@ def _main(dcfg: DictConfig) -> None:
     from train.main import run  # heavy imports after Hydra has parsed the command line
 
     try:
-        cfg = to_typed(dcfg)
+        from hydra.core.hydra_config import HydraConfig
+
+        from train.distill.teacher import check_teacher
+        from train.init_from import resolve_init_from
+
+        cfg = resolve_init_from(to_typed(dcfg), dcfg, HydraConfig.get().overrides.task)
+        check_teacher(cfg)  # distill.teacher: readable, same vocabulary (exit 2 otherwise)
         code = run(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ from model.config import ModelConfig
 from model.fp8 import Fp8Config
 from parallelism.config import DeepSpeedConfig, ParallelConfig
 from train.data.config import DataConfig
+from train.distill.config import DistillConfig
 
 # The sections other packages own, composed below (and importable from here for Hydra users).
 __all__ = ["TrainConfig", "TrainerConfig", "OptimConfig", "LoggingConfig", "ClusterConfig", "CostConfig",
@@ -89,3 +90,4 @@ class TrainConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)

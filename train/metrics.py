@@ -6,6 +6,8 @@ monitoring match it, so fields keep their order and formats:
     step=120 loss=3.4512 lr=3.00e-04 tok/s=18234 tok/s/gpu=9117 mfu=41.2% mem=12.3GiB \
 $/Mtok=0.412 spent=$1.23 eta=0:12:34 tok/$=2427184 val_loss=3.5012 data_wait=1.5%
 
+(a distillation run adds ``lm_loss=3.4512 kd_loss=0.8123`` after ``val_loss``)
+
 =========  ================  ======================================  =====================
 field      metrics dict key  format                                  unit in the dict
 =========  ================  ======================================  =====================
@@ -21,6 +23,8 @@ spent      spent_usd         ``$`` + 2 decimals                      $ all attem
 eta        eta_s             ``H:MM:SS`` (hours may exceed 24)       seconds
 tok/$      tok_per_usd       integer (optional)                      tokens per $
 val_loss   val_loss          4 decimals (optional)                   nats/token
+lm_loss    lm_loss           4 decimals (optional, distillation)     nats/token (= loss)
+kd_loss    kd_loss           4 decimals (optional, distillation)     T^2-scaled KL, nats
 data_wait  data_wait         1 decimal + ``%`` (optional)            fraction of step time
 ckpt_stall ckpt/stall_s      3 decimals + ``s`` (optional)           seconds lost to checkpointing in the loop
 =========  ================  ======================================  =====================
@@ -102,6 +106,9 @@ _REQUIRED = (
 _OPTIONAL = (
     ("tok/$", "tok_per_usd", lambda v: _fmt_fixed(v, 0), float),
     ("val_loss", "val_loss", lambda v: _fmt_fixed(v, 4), float),
+    # distill.teacher: the cross-entropy (= loss) and the KD term of the objective
+    ("lm_loss", "lm_loss", lambda v: _fmt_fixed(v, 4), float),
+    ("kd_loss", "kd_loss", lambda v: _fmt_fixed(v, 4), float),
     ("data_wait", "data_wait", lambda v: _fmt_fixed(v, 1, "%", scale=100.0),
      lambda t: float(t[:-1]) / 100.0),
     # Seconds this log step lost to checkpointing in the loop (the snapshot of a save, a staging
@@ -123,6 +130,8 @@ METRIC_LINE_PATTERN = (
     rf" \$/Mtok=(?P<usd_per_mtok>{_V}) spent=(?P<spent_usd>{_DOLLAR_V}) eta=(?P<eta_s>{_V})"
     rf"(?: tok/\$=(?P<tok_per_usd>{_V}))?"
     rf"(?: val_loss=(?P<val_loss>{_V}))?"
+    rf"(?: lm_loss=(?P<lm_loss>{_V}))?"
+    rf"(?: kd_loss=(?P<kd_loss>{_V}))?"
     rf"(?: data_wait=(?P<data_wait>{_V}))?"
     rf"(?: ckpt_stall=(?P<ckpt_stall_s>{_V}))?"
     r"\s*$"

@@ -71,6 +71,12 @@ class Trainer:
         self.acct = RunAccounting(self.cluster, cfg.cost, self.run_dir, self.start_time, rank=self.ctx.rank)
         self.cost = self.acct.meter
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self.kd = None
+        if cfg.distill.teacher:  # the teacher's forward FLOPs count in MFU and $/Mtok too
+            from train.distill.step import build_kd
+
+            self.kd, teacher_flops = build_kd(cfg, self.ctx, self.runtime)
+            self.flops_per_token += teacher_flops
 
     def _ckpt_base(self) -> str:
         # <checkpoint.root>/<run_name>/step_N; root defaults to the parent of the run directory.
@@ -184,7 +190,7 @@ class Trainer:
                 result = self.engine.step(StepInputs(iter(batches), self.n_micro,
                                                      before_optimizer_step=self.ckpt.wait,
                                                      guard=self.hr.nan_guard.check,
-                                                     poison=(self.step + 1) in inject))
+                                                     poison=(self.step + 1) in inject, kd=self.kd))
             first = False
             step_s = time.perf_counter() - t_step
             step_s -= self.saver.take_step_wait()  # staging=host: the step waited for a save's host copy
@@ -327,6 +333,8 @@ class Trainer:
         m.update(self.saver.row_metrics())  # ckpt/stall_s: what checkpointing cost the loop since the last row
         if val_loss is not None:
             m["val_loss"] = val_loss
+        if result.kd_loss is not None:  # loss= stays the cross-entropy; the objective mixes both
+            m["kd_loss"], m["lm_loss"] = _mean(result.kd_loss, self.ctx.distributed), m["loss"]
         if self.runtime.xla is not None:  # graphs compiled so far: growing every step = recompiling
             m["xla_compiles"] = self.runtime.xla.compilations()
         if cfg.model.moe.n_experts:
@@ -364,3 +372,11 @@ def _as_dict(cfg: TrainConfig) -> dict:
     from train.metrics import redact_secrets
 
     return redact_secrets(dataclasses.asdict(cfg))
+
+
+def _mean(t: torch.Tensor, distributed: bool) -> float:
+    """The global mean of a per-rank scalar (every rank calls it)."""
+    t = t.detach().clone()
+    if distributed:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.AVG)
+    return t.item()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from model.config import validate_model_config
+from train.distill.config import validate_distill_config
 from moe.config import ConfigError
 from train.config import TrainConfig
 from train.data.config import validate_data_config
@@ -44,6 +45,7 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
     t, o, c, p = cfg.trainer, cfg.optim, cfg.checkpoint, cfg.parallel
     validate_model_config(cfg.model)
     validate_data_config(cfg.data)
+    validate_distill_config(cfg.distill)
     for key in ("max_steps", "global_batch_size", "seq_len", "log_every"):
         if getattr(t, key) < 1:
             _fail(f"trainer.{key}={getattr(t, key)} must be >= 1")
