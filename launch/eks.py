@@ -21,6 +21,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Dict, List
 
+from launch.entry import image_program
+
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema", "hyperpodpytorchjob.schema.yaml")
 API_VERSION = "sagemaker.amazonaws.com/v1"
 KIND = "HyperPodPyTorchJob"
@@ -90,7 +92,7 @@ def hyperpodrun_command(job: EksJob) -> List[str]:
     nproc = job.nproc_per_node or _accelerators(res)
     return ["hyperpodrun", f"--nnodes={job.nodes}", f"--nproc-per-node={nproc}",
             "--server-host=0.0.0.0", f"--server-port={AGENT_PORT}", "--tee=3",
-            "--log_dir=/tmp/hyperpod", "-m", "train", *job.overrides]
+            "--log_dir=/tmp/hyperpod", *image_program(), *job.overrides]
 
 
 def manifest(job: EksJob) -> dict:

@@ -18,6 +18,7 @@ import sys
 from typing import List
 
 from launch import policy
+from launch.entry import torchrun_program
 from launch.slurm import SIGNALS_TO_HANDLE, REPO, _torchrun
 
 
@@ -26,7 +27,7 @@ def torchrun_command(nproc_per_node: int, overrides: List[str], python: str = sy
     endpoint = f"127.0.0.1:{port}" if port else "127.0.0.1:0"
     return [*_torchrun(python), "--nnodes=1", f"--nproc-per-node={nproc_per_node}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--local-addr=127.0.0.1",
-            "--max-restarts=0", f"--signals-to-handle={SIGNALS_TO_HANDLE}", "-m", "train", *overrides]
+            "--max-restarts=0", f"--signals-to-handle={SIGNALS_TO_HANDLE}", *torchrun_program(python), *overrides]
 
 
 def run_local(run_dir: str, cmd: List[str], max_retries: int, max_restarts: int = 100, log=print) -> int:

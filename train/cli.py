@@ -10,13 +10,15 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from moe.config import ConfigError
+from moeforge import config_dir
 from train.config import TrainConfig
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 EXIT_CONFIG_ERROR = 2
-# Absolute, so the tree is found however the package is imported (python -m train, torchrun, tests).
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# Through the installed package (importlib.resources), never a path relative to this file: a wheel
+# ships the tree as moeforge's package data (moeforge/__init__.py).
+CONFIG_DIR = config_dir()
 
 
 def to_typed(dcfg: DictConfig) -> TrainConfig:
