@@ -113,6 +113,7 @@ class CostConfig:
     price_per_hour: float = 0.0  # override: $ per instance-hour (0 = catalog)
     budget_usd: float = 0.0  # 0 = no budget
     alert_usd: List[float] = field(default_factory=list)  # $ levels: one warning (+ W&B alert) each
+    alert_fractions: List[float] = field(default_factory=list)  # of budget_usd, e.g. [0.5, 0.8, 1.0]: alerts too
     # Gap between attempts billed at most this long: -1 = the whole gap (capacity stays paid while
     # a job is requeued), 0 = none (elastic capacity: nothing is paid between attempts).
     max_gap_billed_s: float = -1.0
@@ -153,6 +154,14 @@ class HealthConfig:
 
 
 @dataclass
+class PrometheusConfig:
+    """Rank 0 serves /metrics (train/prometheus.py, docs/monitoring.md); needs the `prometheus` extra."""
+
+    port: int = 0  # 0 = off; not 8080 (HyperPod EKS's elastic agent owns it)
+    addr: str = "0.0.0.0"  # listen address; 127.0.0.1 to keep it on the node
+
+
+@dataclass
 class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "moeforge"
@@ -163,6 +172,9 @@ class LoggingConfig:
     tensorboard: bool = False
     progress: str = "auto"  # auto (bar on a TTY) | on | off
     jsonl: bool = True
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    # Alerts (train/alerts.py) as a JSON POST {"text": ...} (Slack-compatible) to this URL; "" = off.
+    alert_webhook: str = ""
 
 
 @dataclass

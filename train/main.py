@@ -80,6 +80,9 @@ def run(cfg: TrainConfig) -> int:
 
     start_time = process_start_time()  # interpreter start and imports are billed too
     validate_train_config(cfg)  # before any process group or allocation
+    from train.strict import check_input_paths
+
+    check_input_paths(cfg)  # data.path, checkpoint.resume exist (exit 2), still before any allocation
     from health.runtime import HealthRuntime
     from parallelism.efa import apply_efa_env, versions_report
     from parallelism.process_group import apply_slurm_env
