@@ -242,6 +242,7 @@ class MetricsLogger:
         self._jsonl: Optional[IO[str]] = None
         self._bar_shown = False
         self._last_step = start_step
+        self._sinks: list = []
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -254,6 +255,9 @@ class MetricsLogger:
             self._wandb_run = _open_wandb(run_dir, cfg, safe_config, resume_wandb_id)
             self.wandb_run_id = self._wandb_run.id if self._wandb_run is not None else None
         self._progress = _progress_enabled(cfg.progress, self.stream)
+        from train.prometheus import open_sinks
+
+        self._sinks = open_sinks(cfg, os.path.basename(os.path.normpath(run_dir)))  # /metrics (train/prometheus.py)
 
     # -- console ----------------------------------------------------------------------------------
 
@@ -315,6 +319,8 @@ class MetricsLogger:
             for k, v in scalars.items():
                 if k != "step":
                     self._tb.add_scalar(k, v, step)
+        for sink in self._sinks:
+            sink.log(step, scalars)
         return line
 
     def close(self) -> None:
@@ -333,6 +339,9 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
 
     def __enter__(self) -> "MetricsLogger":
         return self

@@ -35,6 +35,9 @@ class Trainer:
         self.evals_since_best = 0
         self.metrics = None
         self._resume_wandb_id = None
+        from train.ops_metrics import OpsMetrics
+
+        self._ops = OpsMetrics()  # checkpoint age, health flags for the row (Prometheus, dashboards)
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
@@ -377,6 +380,7 @@ class Trainer:
              "tokens": tokens, "max_steps": t.max_steps, "skipped_steps": self.hr.nan_guard.total_skipped}
         m.update(self.acct.metrics(tokens))
         m.update(self.hr.metrics())
+        m.update(self._ops.row(self.ckpt, self.hr))
         if val_loss is not None:
             m["val_loss"] = val_loss
         if self.runtime.xla is not None:  # graphs compiled so far: growing every step = recompiling
