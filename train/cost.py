@@ -27,6 +27,7 @@ import os
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
+from moeforge.alerts import alert
 from train.config import ClusterConfig, CostConfig
 from train.exit_codes import EXIT_BUDGET
 
@@ -422,7 +423,7 @@ def _suggest(budget: float) -> str:
 
 
 def alert_message(level_usd: float, spent_usd: float, budget_usd: float) -> str:
-    of = f" of cost.budget_usd=${budget_usd:.2f}" if budget_usd > 0 else ""
+    of = f" ({level_usd / budget_usd:.1%} of cost.budget_usd=${budget_usd:.2f})" if budget_usd > 0 else ""
     return f"cost alert: spent ${spent_usd:.2f}, past the ${level_usd:.2f} level{of}"
 
 
@@ -458,7 +459,9 @@ class Budget:
 
     @classmethod
     def from_config(cls, cost: CostConfig, hooks: Sequence[Callable[[str, str], None]] = ()) -> "Budget":
-        return cls(cost.budget_usd, cost.alert_usd, hooks)
+        # cost.alert_fractions become $ levels of this budget (raising the budget moves them)
+        fractions = [f * cost.budget_usd for f in getattr(cost, "alert_fractions", ())]
+        return cls(cost.budget_usd, list(cost.alert_usd) + fractions, hooks)
 
     def refuse_start(self, spent_usd: float, step: int) -> Optional[str]:
         """At start, after resume: the refusal message when the budget is already spent, or when
@@ -481,6 +484,7 @@ class Budget:
             msg = alert_message(level, spent_usd, self.budget_usd)
             self.fired.append(level)
             log.warning(msg)
+            alert("budget", msg, "ERROR" if 0 < self.budget_usd <= level else "WARN")  # W&B, webhook
             for hook in self.hooks:
                 try:
                     hook(f"moeforge cost ${level:.2f}", msg)
@@ -514,6 +518,9 @@ def validate_cost_config(cost: CostConfig) -> List[str]:
         errors.append("cost.budget_usd and cost.price_per_hour must be >= 0")
     if any(a <= 0 for a in cost.alert_usd):
         errors.append(f"cost.alert_usd={list(cost.alert_usd)} must hold $ levels > 0")
+    if getattr(cost, "alert_fractions", None) and cost.budget_usd <= 0:
+        errors.append(f"cost.alert_fractions={list(cost.alert_fractions)} are fractions of cost.budget_usd: "
+                      "set cost.budget_usd, or use cost.alert_usd for $ levels")
     if cost.max_gap_billed_s < 0 and cost.max_gap_billed_s != -1:
         errors.append(f"cost.max_gap_billed_s={cost.max_gap_billed_s} must be -1 (bill the whole "
                       "gap), 0 (none) or a cap in seconds > 0")

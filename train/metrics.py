@@ -40,6 +40,7 @@ import sys
 import time
 from typing import Any, Dict, IO, Mapping, Optional
 
+from moeforge.alerts import attach_wandb
 from train.config import LoggingConfig
 
 NA = "n/a"
@@ -254,6 +255,7 @@ class MetricsLogger:
         if cfg.wandb:
             self._wandb_run = _open_wandb(run_dir, cfg, safe_config, resume_wandb_id)
             self.wandb_run_id = self._wandb_run.id if self._wandb_run is not None else None
+            attach_wandb(self._wandb_run)  # moeforge.alerts: wandb.alert for the run's alerts
         self._progress = _progress_enabled(cfg.progress, self.stream)
         from train.prometheus import open_sinks
 
@@ -337,6 +339,7 @@ class MetricsLogger:
             self._tb.close()
             self._tb = None
         if self._wandb_run is not None:
+            attach_wandb(None)
             self._wandb_run.finish()
             self._wandb_run = None
         for sink in self._sinks:

@@ -13,7 +13,8 @@ from model.transformer import Transformer
 from moe.balance import routing_stats
 from train.build import Runtime
 from train.config import TrainConfig
-from train.exit_codes import EXIT_BUDGET, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED
+from moeforge.alerts import alert
+from train.exit_codes import EXIT_BUDGET, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, EXIT_UNHEALTHY
 from train.optim import build_optimizer, lr_at, set_lr
 from train.run_dir import config_hash
 from train.step import evaluate, train_step
@@ -21,6 +22,7 @@ from train.validate import resolved_micro_batch
 
 log = logging.getLogger("moeforge")
 
+STOP_ALERTS = {EXIT_PREEMPTED: "preemption", EXIT_UNHEALTHY: "unhealthy"}  # budget: cost.alert_* levels
 FIRST_STEP_GRACE_S = 900.0  # compile and first-touch allocations: the hang watchdog waits longer
 
 
@@ -263,6 +265,9 @@ class Trainer:
                 self.hr.flags.request(EXIT_BUDGET, budget)
             # Every rank, every step: one small all-reduce decides together whether to stop.
             stop = self.hr.at_boundary(self.step)
+            if stop is not None and stop.code in STOP_ALERTS:  # the agreed stop: rank 0 alerts once
+                alert(STOP_ALERTS[stop.code], f"step {self.step}: {stop.reason} (exit {stop.code})",
+                      "ERROR" if stop.code == EXIT_UNHEALTHY else "WARN")
             if self.step % t.log_every == 0 or self.step == t.max_steps or val_loss is not None or stop:
                 self._log(result, val_loss, window, tokens_per_step)
                 window = {"t0": time.perf_counter(), "steps": 0, "data_wait": 0.0}
@@ -321,8 +326,10 @@ class Trainer:
             raise RuntimeError(f"non-finite state at step {bad_step} and no committed checkpoint to roll back to")
         self.samples = samples
         self.hr.nan_guard.reset()
-        log.warning("step %d: non-finite %d times in a row; rolled back to the commit at step %d and skipped "
-                    "the data up to sample %d", bad_step, self.cfg.health.nan_max_skips + 1, self.step, samples)
+        msg = (f"step {bad_step}: non-finite {self.cfg.health.nan_max_skips + 1} times in a row; rolled back to "
+               f"the commit at step {self.step} and skipped the data up to sample {samples}")
+        log.warning(msg)
+        alert("nan_rollback", msg)
 
     def _save(self, emergency=None) -> bool:
         """Save this step; True when it is committed (False: skipped as non-finite, or failed with
@@ -343,6 +350,8 @@ class Trainer:
                 result = self.ckpt.wait_committed() or result  # the commit must land before we leave
         self.acct.on_checkpoint(time.perf_counter() - t0, self.step)
         committed = result is not None and result.error is None
+        if result is not None and result.error is not None:
+            alert("save_failed", f"checkpoint at step {self.step} failed, not committed: {result.error}", "ERROR")
         if emergency is not None:
             took = time.time() - emergency.t_notice
             deadline = self.cfg.health.preemption_deadline_s
