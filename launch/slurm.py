@@ -187,9 +187,12 @@ def submit_command(job: SlurmJob) -> List[str]:
     return ["sbatch", "--parsable", job.script_path]
 
 
-def submit(job: SlurmJob) -> str:
-    """sbatch the rendered script; returns the job id."""
-    p = subprocess.run(submit_command(job), capture_output=True, text=True, cwd=job.workdir)
+def submit(job: SlurmJob, secret_env: Optional[dict] = None) -> str:
+    """sbatch the rendered script; returns the job id. ``secret_env``: the secret overrides' values,
+    which the job inherits (sbatch passes the submitter's environment on; the script holds only
+    references to them, train/redact.py)."""
+    env = {**os.environ, **(secret_env or {})}
+    p = subprocess.run(submit_command(job), capture_output=True, text=True, cwd=job.workdir, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"sbatch failed ({p.returncode}): {p.stderr.strip()}")
     return p.stdout.strip().split(";")[0]

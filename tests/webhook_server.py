@@ -14,6 +14,7 @@ class RecordingServer:
 
     def __init__(self, fail_first: int = 0, delay_s: float = 0.0):
         self.bodies: List[dict] = []
+        self.paths: List[str] = []
         self.requests = 0
         self.fail_first, self.delay_s = fail_first, delay_s
         outer = self
@@ -32,6 +33,7 @@ class RecordingServer:
                     self.end_headers()
                     return
                 outer.bodies.append(json.loads(body))
+                outer.paths.append(self.path)
                 self.send_response(200)
                 self.end_headers()
                 self.wfile.write(b"ok")

@@ -165,25 +165,8 @@ def parse_metric_line(line: str) -> Dict[str, Any]:
 
 # --- secrets -------------------------------------------------------------------------------------
 
-# Words that mark a config key as secret. Matched per word of the key (split on _ - . and case
-# changes), so `aws_secret_access_key`, `hf_token` and `storage_options.key` are hidden while
-# `tokenizer`, `tokens_per_step` and `keep_last` are not.
-_SECRET_WORDS = {"key", "token", "secret", "password", "passwd", "credential", "credentials"}
-REDACTED = "<redacted>"
-
-
-def is_secret_key(name: str) -> bool:
-    words = re.split(r"[_\-.\s]+|(?<=[a-z])(?=[A-Z])", str(name))
-    return any(w.lower() in _SECRET_WORDS for w in words if w)
-
-
-def redact_secrets(obj: Any) -> Any:
-    """A copy of a config tree (dicts/lists) with secret-looking keys' values replaced."""
-    if isinstance(obj, Mapping):
-        return {k: (REDACTED if is_secret_key(k) else redact_secrets(v)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact_secrets(v) for v in obj]
-    return obj
+# By key and by value (AWS key ids, user:pass@ in URLs, bearer tokens): train/redact.py.
+from train.redact import REDACTED, is_secret_key, redact_secrets  # noqa: E402,F401  (re-exported)
 
 
 # --- logger --------------------------------------------------------------------------------------
@@ -392,7 +375,22 @@ def _open_wandb(run_dir: str, cfg: LoggingConfig, config: Dict[str, Any], run_id
             "pip install 'moeforge[wandb]' or set logging.wandb=false"
         ) from e
     mode = wandb_mode(cfg)
-    run = wandb.init(
+    from train.redact import redact_command
+
+    # W&B records the command line (sys.argv) in the run's metadata: it sees a redacted copy.
+    argv = list(sys.argv)
+    sys.argv = argv[:1] + redact_command(argv[1:])
+    try:
+        run = _wandb_init(wandb, cfg, config, run_dir, run_id, mode)
+    finally:
+        sys.argv = argv
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
+
+
+def _wandb_init(wandb, cfg: LoggingConfig, config: Dict[str, Any], run_dir: str, run_id: Optional[str], mode: str):
+    return wandb.init(
         project=cfg.wandb_project,
         entity=cfg.wandb_entity or None,
         name=str(config.get("run_name") or "") or None,
@@ -402,9 +400,6 @@ def _open_wandb(run_dir: str, cfg: LoggingConfig, config: Dict[str, Any], run_id
         config=config,
         mode=mode,
     )
-    run.define_metric("step")
-    run.define_metric("*", step_metric="step")
-    return run
 
 
 def _open_tensorboard(log_dir: str, start_step: int):
