@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import environment, median, time_fn, write_json
+from compat.torch_compat import raise_dynamo_recompile_limits
 from model.attention import kernels
 from model.flops import mean_context
 
@@ -231,12 +232,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     # Every variant recompiles flex (new shapes or tile options); past dynamo's default limit of 8
     # it would silently run flex unfused (the math reference) and time that instead.
-    import torch._dynamo
-
-    for name, value in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096),
-                        ("accumulated_cache_size_limit", 4096)):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, value)
+    raise_dynamo_recompile_limits(256, 4096)
     rows: List[dict] = []
     if "mla" in args.suite:
         rows += mla_suite(args.reps, args.small, not args.quick)

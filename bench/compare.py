@@ -40,9 +40,10 @@ from typing import Any, Callable, Dict, List
 import torch
 
 from bench.common import environment, matmul_peak_tflops, median, time_fn, write_json
+from compat.torch_compat import dynamo_reset
 from bench.ours import TINY_BATCH, TINY_SEQ, bench_runtime, build_ours, make_batch, model_config
 from model.flops import flops_per_token
-from train.build import Runtime
+from devices.runtime import Runtime
 
 VARIANTS = ("ours", "ours_compiled", "peer", "peer_compiled")
 DATASHEET_TFLOPS = 989.0  # dense bf16, H100 SXM / H200
@@ -254,7 +255,7 @@ def main(argv=None) -> None:
             print(f"{v}: ERROR {r['error']}\n{r['traceback']}", flush=True)
         variants[v] = r
         if v.endswith("_compiled"):
-            torch._dynamo.reset()  # compiled graphs and their guards go with the variant
+            dynamo_reset()  # compiled graphs and their guards go with the variant
         free_device(runtime)
     variants = {v: variants[v] for v in args.variants}
     payload: Dict[str, Any] = {

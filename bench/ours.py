@@ -13,7 +13,7 @@ import torch
 
 from bench.common import preset
 from model.config import ModelConfig
-from train.build import Runtime, resolve_runtime
+from devices.runtime import Runtime, resolve_runtime
 
 # Same layer pattern as the full presets (dense first layer then MoE; 5 local : 1 global),
 # shrunk so a whole compare run takes seconds on a CPU.
@@ -57,24 +57,27 @@ class OursStep:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     step: Callable[[], object]  # one full training step; returns train.step.StepResult
+    compiled: bool = False  # blocks compiled (parallelize's result): the loss is compiled too
 
 
 def build_ours(cfg: ModelConfig, runtime: Runtime, batch, compile: bool, lr: float = 3e-4) -> OursStep:
     from parallelism.parallelize import parallelize
     from parallelism.process_group import DistContext
-    from train.config import OptimConfig, ParallelConfig
+    from parallelism.config import ParallelConfig
+    from train.config import OptimConfig
     from train.optim import build_optimizer
-    from train.step import train_step
+    from train.step import StepInputs, train_step
     from model.transformer import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg)
-    parallelize(model, ParallelConfig(), DistContext(), runtime.device_type, param_dtype=None,
-                activation_checkpointing=False, compile=compile)
+    parallel = parallelize(model, ParallelConfig(), DistContext(), runtime.device_type, param_dtype=None,
+                           activation_checkpointing=False, compile=compile)
     model.init_weights(0, device=runtime.device)
     opt = build_optimizer(model, OptimConfig(lr=lr), runtime.device_type)
 
     def step():
-        return train_step(model, opt, iter([batch]), 1, runtime, GRAD_CLIP, cfg.moe.bias_update_rate, None)
+        return train_step(model, opt, StepInputs(iter([batch]), 1), runtime, GRAD_CLIP, cfg.moe.bias_update_rate, None,
+                          compiled_loss=parallel.blocks_compiled)
 
-    return OursStep(model, opt, step)
+    return OursStep(model, opt, step, parallel.blocks_compiled)

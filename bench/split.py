@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from bench.common import environment, median, time_fn, write_json
 from bench.ours import GRAD_CLIP, TINY_BATCH, TINY_SEQ, bench_runtime, build_ours, make_batch, model_config
 from model.config import ModelConfig
-from train.build import Runtime
+from devices.runtime import Runtime
 
 COMPONENTS = ("attention", "experts", "router_dispatch", "shared_or_dense_mlp", "norms_embed_loss", "optimizer")
 
@@ -158,7 +158,7 @@ def _timed_rounds(full_step: Callable[[], Any], pieces: List[_Piece], warmup: in
     return full
 
 
-def _pieces(model, opt, cfg: ModelConfig, runtime: Runtime, batch) -> List[_Piece]:
+def _pieces(model, opt, cfg: ModelConfig, runtime: Runtime, batch, compiled: bool = False) -> List[_Piece]:
     from moe.balance import update_expert_bias
     from parallelism.parallelize import clip_grad_norm, grad_norm
     from train.optim import can_fold_clip, fold_clip, unfold_clip
@@ -220,7 +220,6 @@ def _pieces(model, opt, cfg: ModelConfig, runtime: Runtime, batch) -> List[_Piec
     emb = model.tok_embeddings
     out.append(piece("norms_embed_loss", "embedding", 1, lambda: emb(inputs_BT), [], [emb]))
     head = model.output if model.output is not None else model.tok_embeddings
-    compiled = getattr(model, "blocks_compiled", False)
     out.append(piece("norms_embed_loss", "output head + cross-entropy", 1,
                      lambda h: lm_loss(F.linear(h, model.output_weight()), targets_BT, compiled),
                      [_leaf(seen["final_norm_out"])], [head]))
@@ -259,7 +258,7 @@ def measure_split(cfg: ModelConfig, runtime: Runtime, batch, steps: int = 10, wa
     s = build_ours(cfg, runtime, batch, compile=False)
     for _ in range(warmup):
         s.step()
-    pieces = _pieces(s.model, s.optimizer, cfg, runtime, batch)
+    pieces = _pieces(s.model, s.optimizer, cfg, runtime, batch, s.compiled)
     # What timing a piece alone adds (a backward call of its own, the gradient reset), measured on
     # an empty piece the same way and taken off each piece: inside the step it is paid once.
     x = torch.zeros(8, device=runtime.device, requires_grad=True)

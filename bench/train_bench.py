@@ -71,11 +71,11 @@ def _top_ops(prof, n: int, window_s: float) -> list:
 def main(argv=None) -> None:
     from parallelism.parallelize import parallelize
     from parallelism.process_group import init_distributed, shutdown
-    from train.build import resolve_runtime
-    from train.config import ParallelConfig
+    from devices.runtime import resolve_runtime
+    from parallelism.config import ParallelConfig
     from train.optim import build_optimizer
     from train.config import OptimConfig
-    from train.step import train_step
+    from train.step import StepInputs, train_step
     from parallelism.expert_parallel import make_count_reducer
 
     args = _args(argv)
@@ -86,19 +86,20 @@ def main(argv=None) -> None:
         with torch.device("meta"):
             model = Transformer(cfg)
         pcfg = ParallelConfig(ep=args.ep)
-        parallelize(model, pcfg, ctx, runtime.device_type,
-                    param_dtype=runtime.amp_dtype if ctx.world_size > 1 else None,
-                    activation_checkpointing=args.ac, compile=args.compile, ac_policy=args.ac_policy,
-                    ac_every=args.ac_every)
+        parallel = parallelize(model, pcfg, ctx, runtime.device_type,
+                               param_dtype=runtime.amp_dtype if ctx.world_size > 1 else None,
+                               activation_checkpointing=args.ac, compile=args.compile, ac_policy=args.ac_policy,
+                               ac_every=args.ac_every)
         model.init_weights(0, device=runtime.device)
         opt = build_optimizer(model, OptimConfig(lr=3e-4), runtime.device_type)
-        reduce = make_count_reducer(model.meshes.dp_group) if ctx.distributed else None
+        reduce = make_count_reducer(parallel.meshes.dp_group) if ctx.distributed else None
         g = torch.Generator(device="cpu").manual_seed(ctx.rank)
         tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
         batch = (tokens[:, :-1].to(runtime.device), tokens[:, 1:].to(runtime.device))
 
         def step():
-            return train_step(model, opt, iter([batch]), 1, runtime, 1.0, cfg.moe.bias_update_rate, reduce)
+            return train_step(model, opt, StepInputs(iter([batch]), 1), runtime, 1.0, cfg.moe.bias_update_rate, reduce,
+                              compiled_loss=parallel.blocks_compiled)
 
         for _ in range(args.warmup):
             step()

@@ -24,10 +24,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.stateful import Stateful
 
-try:  # public name since 2.3, but keep the import failure explicit rather than an AttributeError later
-    from torch.distributed.checkpoint import FsspecReader, FsspecWriter
-except ImportError:  # pragma: no cover - older layouts
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from compat.torch_compat import fsspec_reader_writer
+
+FsspecReader, FsspecWriter = fsspec_reader_writer()
 
 # DCP's CheckpointException derives from BaseException: ``except Exception`` does not catch it.
 ERRORS = (Exception, CheckpointException)

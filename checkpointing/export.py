@@ -24,13 +24,16 @@ import logging
 import os
 import re
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
 from checkpointing import _dcp, commit, layout
 from checkpointing.errors import CheckpointError
 from checkpointing.storage import Storage
+
+if TYPE_CHECKING:  # model/ is imported lazily: ls and verify never need it
+    from model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ def load_model_config(step_dir: str, st: Storage, config_path: Optional[str] = N
     return OmegaConf.to_object(merged)
 
 
-def load_model_weights(step_dir: str, st: Storage, cfg) -> Dict[str, torch.Tensor]:
+def load_model_weights(step_dir: str, st: Storage, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
     """Full (unsharded) fp32/bf16 model tensors keyed by our FQNs, read through DCP."""
     from model.transformer import Transformer
 
@@ -122,7 +125,7 @@ def _refuse(msg: str) -> None:
     raise CheckpointError(f"cannot export to Hugging Face: {msg}")
 
 
-def _rope_parameters(cfg) -> Dict[str, Any]:
+def _rope_parameters(cfg: ModelConfig) -> Dict[str, Any]:
     r = cfg.rope
     if r.yarn_factor > 1.0:
         return {"rope_type": "yarn", "rope_theta": float(r.theta), "factor": float(r.yarn_factor),
@@ -132,7 +135,7 @@ def _rope_parameters(cfg) -> Dict[str, Any]:
     return {"rope_type": "default", "rope_theta": float(r.theta)}
 
 
-def _common_checks(cfg) -> None:
+def _common_checks(cfg: ModelConfig) -> None:
     from model.config import layer_windows
 
     if any(layer_windows(cfg)):
@@ -141,7 +144,7 @@ def _common_checks(cfg) -> None:
         _refuse(f"model.norm_placement={cfg.norm_placement!r}: Llama/DeepSeek-V3 are pre-norm only")
 
 
-def architecture(cfg) -> str:
+def architecture(cfg: ModelConfig) -> str:
     from model.config import layer_kinds
 
     kinds = set(layer_kinds(cfg))
@@ -154,7 +157,7 @@ def architecture(cfg) -> str:
     raise AssertionError
 
 
-def llama_config(cfg, dtype: str) -> Dict[str, Any]:
+def llama_config(cfg: ModelConfig, dtype: str) -> Dict[str, Any]:
     from model.config import gqa_head_dim
 
     _common_checks(cfg)
@@ -174,7 +177,7 @@ def llama_config(cfg, dtype: str) -> Dict[str, Any]:
     }
 
 
-def deepseek_v3_config(cfg, dtype: str) -> Dict[str, Any]:
+def deepseek_v3_config(cfg: ModelConfig, dtype: str) -> Dict[str, Any]:
     from model.config import layer_is_moe
 
     _common_checks(cfg)

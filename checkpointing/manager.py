@@ -1,7 +1,7 @@
 """CheckpointManager: save (DCP shards + atomic commit), retention, resume with fallback.
 
 The trainer builds ``state``: a dict of Stateful objects and/or nested dicts of tensors, e.g.
-``{"model": ModelState(model), "optim": OptimState(model, opt), "extra": {"rng": RNGState(rank)}}``.
+``{"app": AppState(model, opt), "extra": {"rng": RNGState(rank)}}``.
 Everything in it goes through DCP (tensors and the optimizer's primitive hyper-parameters).
 Non-tensor trainer state (data cursor, LR schedule, cost meter, W&B run id) is passed as
 ``trainer_state`` and lands in ``trainer_state.json``; the summary ``meta`` in ``meta.json``.
@@ -14,81 +14,21 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
 from checkpointing import _dcp, commit, layout, resume, retention
+from checkpointing.config import CheckpointConfig
 from checkpointing.engine_state import EngineState, check_files
-from checkpointing.errors import CheckpointError, ConfigError
+from checkpointing.errors import CheckpointError
+from checkpointing.save_result import SaveResult
 from checkpointing.storage import Storage
 from checkpointing.upload import Uploader
+from checkpointing.validate import validate_checkpoint_config
 
 log = logging.getLogger(__name__)
-
-ASYNC_MODES = ("off", "thread", "process")
-
-
-ON_SAVE_ERROR = ("continue", "stop")
-STAGING = ("host", "device")  # where an async save copies the state first (device: spare GPU memory)
-
-
-@dataclass
-class SaveResult:
-    """What one ``save`` did. ``committed`` False with ``error`` set: the save failed and was left
-    uncommitted (``on_save_error=continue``); False without ``error``: an async save still in
-    flight (its final result comes from ``wait_committed()`` / ``close()`` / ``last_save_stats()``),
-    or, on ranks other than 0 after an async save, a write that succeeded but whose marker only
-    rank 0 writes (decide on rank 0's value)."""
-
-    path: str
-    step: int
-    seconds: float  # time the caller was blocked in save() (sync: all of it; async: until staged/started)
-    bytes: int  # size of the step directory (rank 0; -1 on other ranks and before an async commit)
-    committed: bool = True
-    error: Optional[str] = None
-    staging_s: float = 0.0  # save() start -> state copied to host memory (sync: 0, written in place)
-    blocked_s: float = 0.0  # caller blocked: in save() plus in wait() for this save's staging
-    commit_s: float = 0.0  # save() start -> marker written (rank 0) / write done (other ranks)
-    mode: str = "off"  # the async mode actually used (process falls back to thread, logged)
-
-    def stats(self) -> Dict[str, Any]:
-        """Flat metrics for the trainer's metrics line / JSONL."""
-        # ok = no failure seen by this rank (after an async save only rank 0 sees the marker, so
-        # ``committed`` is rank 0's to report; the trainer logs rank 0's metrics)
-        return {"ckpt_step": self.step, "ckpt_ok": int(self.error is None),
-                "ckpt_staging_s": self.staging_s, "ckpt_blocked_s": self.blocked_s,
-                "ckpt_commit_s": self.commit_s, "ckpt_bytes": self.bytes}
-
-
-def validate_checkpoint_config(cfg: Any) -> None:
-    """Rules for the ``checkpoint`` section; each message names the key and the fix."""
-    if cfg.async_mode not in ASYNC_MODES:
-        raise ConfigError(f"checkpoint.async_mode={cfg.async_mode!r} must be one of {', '.join(ASYNC_MODES)}")
-    staging = getattr(cfg, "staging", "host")
-    if staging not in STAGING:
-        raise ConfigError(f"checkpoint.staging={staging!r} must be one of {', '.join(STAGING)}")
-    if staging == "device" and cfg.async_mode != "thread":
-        raise ConfigError(f"checkpoint.staging=device works with checkpoint.async_mode=thread (got "
-                          f"{cfg.async_mode!r}): set checkpoint.async_mode=thread, or checkpoint.staging=host")
-    on_error = getattr(cfg, "on_save_error", "stop")
-    if on_error not in ON_SAVE_ERROR:
-        raise ConfigError(f"checkpoint.on_save_error={on_error!r} must be one of {', '.join(ON_SAVE_ERROR)}")
-    upload_root = getattr(cfg, "upload_root", "") or ""
-    if upload_root and "://" not in upload_root:
-        raise ConfigError(f"checkpoint.upload_root={upload_root!r} must be a URL such as "
-                          "s3://bucket/prefix (or empty for one tier)")
-    if upload_root and "://" in (cfg.root or ""):
-        raise ConfigError(f"checkpoint.upload_root is set but checkpoint.root={cfg.root!r} is already "
-                          "remote: two tiers means a local (or FSx) root plus an s3:// upload_root")
-    for key in ("every_steps", "keep_last", "keep_every"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"checkpoint.{key}={getattr(cfg, key)} must be >= 0 (0 = off)")
-    if not cfg.resume:
-        raise ConfigError("checkpoint.resume is empty: use auto, none or a checkpoint path")
-
 
 def _check_leaves(obj: Any, where: str) -> None:
     """Only tensors and primitives may reach DCP: anything else would be pickled."""
@@ -116,19 +56,17 @@ def _materialise(state: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 class CheckpointManager:
-    """One per rank. ``cfg`` is the ``checkpoint`` config section (duck-typed: root, keep_last,
-    keep_every, resume, async_mode, storage_options; optional on_save_error, upload_root). With a
-    process group, every method except the ``list``/``committed_steps`` queries is collective:
-    call it on every rank."""
+    """One per rank, for the ``checkpoint`` config section. With a process group, every method
+    except the ``list``/``committed_steps`` queries is collective: call it on every rank."""
 
-    def __init__(self, cfg: Any, output_dir: str, run_name: str, rank: int = 0, world_size: int = 1,
+    def __init__(self, cfg: CheckpointConfig, output_dir: str, run_name: str, rank: int = 0, world_size: int = 1,
                  process_group: Optional["dist.ProcessGroup"] = None):
         validate_checkpoint_config(cfg)
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
         self.process_group = process_group
-        self.on_save_error: str = getattr(cfg, "on_save_error", "stop")
+        self.on_save_error: str = cfg.on_save_error
         self.storage_options: Dict[str, Any] = dict(cfg.storage_options or {})
         self.run_dir = layout.run_checkpoint_dir(cfg.root, output_dir, run_name)
         self.storage = Storage(self.run_dir, self.storage_options)
@@ -138,10 +76,9 @@ class CheckpointManager:
         self._record: Optional[SaveResult] = None  # the in-flight async save's (growing) record
         self._last: Optional[SaveResult] = None  # the last save that finished (or failed)
         self._async_mode = self._resolve_async_mode(cfg.async_mode)
-        upload_root = getattr(cfg, "upload_root", "") or ""
         self.uploader: Optional[Uploader] = None
-        if upload_root:
-            self.uploader = Uploader(self.storage, self.run_dir, layout.join(upload_root, run_name),
+        if cfg.upload_root:
+            self.uploader = Uploader(self.storage, self.run_dir, layout.join(cfg.upload_root, run_name),
                                      self.storage_options, cfg.keep_last, cfg.keep_every)
 
     def _resolve_async_mode(self, mode: str) -> str:
@@ -303,7 +240,7 @@ class CheckpointManager:
     def _start_async(self, path, step, plain, writer, full_meta, trainer_state, t0) -> SaveResult:
         try:
             handle = _dcp.async_save(plain, writer, self.process_group, self._async_mode,
-                                     staging=getattr(self.cfg, "staging", "host"))
+                                     staging=self.cfg.staging)
         except _dcp.ERRORS as e:
             raise CheckpointError(f"saving checkpoint {path} failed to start: {_dcp.describe(e)}") from e
         del plain  # the stager holds its own host copy
@@ -410,7 +347,7 @@ class CheckpointManager:
     def close(self) -> Optional[SaveResult]:
         """Finish the in-flight save (and, with two tiers, its upload). Call before exiting; the
         result is that save's (None when none was in flight): check ``committed`` before exiting
-        with "interrupted, resubmit" (75) after an async final save."""
+        with "interrupted, resubmit" (PREEMPTED) after an async final save."""
         try:
             return self.wait_committed()
         finally:

@@ -1,7 +1,9 @@
-"""Stateful wrappers the trainer puts in the dict it hands to ``CheckpointManager``.
+"""The DCP Stateful the trainer puts in the dict it hands to ``CheckpointManager`` (one class for
+model and optimizer), and this rank's RNG streams.
 
 ``get_state_dict``/``set_state_dict`` give fully-qualified-name keyed state for plain modules and
 FSDP2-sharded ones alike (DTensor shards), which is what lets DCP reshard across world sizes.
+Optimizer state is keyed by parameter FQN (not by position), so it survives resharding too.
 """
 
 from __future__ import annotations
@@ -11,50 +13,17 @@ from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-__all__ = ["ModelState", "OptimState", "AppState", "RNGState"]
-
-
-class ModelState(Stateful):
-    def __init__(self, model: nn.Module, options: Optional[StateDictOptions] = None):
-        self.model = model
-        self.options = options
-
-    def state_dict(self) -> Dict[str, Any]:
-        return get_model_state_dict(self.model, options=self.options)
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state_dict, options=self.options)
-
-
-class OptimState(Stateful):
-    """Optimizer state keyed by parameter FQN (not by position), so it survives resharding."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 options: Optional[StateDictOptions] = None):
-        self.model = model
-        self.optimizer = optimizer
-        self.options = options
-
-    def state_dict(self) -> Dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict, options=self.options)
+__all__ = ["AppState", "RNGState"]
 
 
 class AppState(Stateful):
-    """Model and optimizer under one key (``{"model": ..., "optim": ...}``), the DCP tutorial shape."""
+    """Model and optimizer under one key (``{"model": ..., "optim": ...}``), the DCP tutorial shape.
+
+    The trainer saves ``{"app": AppState(model, optimizer)}``: DCP keys ``app.model.<fqn>`` and
+    ``app.optim.state.<fqn>...`` (``checkpointing.export`` reads the model back by that prefix)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  options: Optional[StateDictOptions] = None):

@@ -1,8 +1,8 @@
 """Small fsspec helpers so one code path serves local disks, FSx mounts and object stores (s3://).
 
 Object stores have no rename and no directories; what they do have is an atomic single PUT. So a
-small file is written atomically as temp + fsync + rename + fsync(dir) locally, and as one PUT
-elsewhere. Listings are read fresh (fsspec caches them per filesystem instance).
+small file is written atomically (``checkpointing.atomic``): temp + fsync + rename + fsync(dir)
+locally, one PUT elsewhere. Listings are read fresh (fsspec caches them per filesystem instance).
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 from fsspec.core import url_to_fs
+
+from checkpointing.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -199,28 +200,12 @@ class Storage:
 
     def write_atomic(self, url: str, data: bytes) -> None:
         """Readers see the old content or the whole new content, never a prefix; durable on return."""
-        if not self.is_local:
-            # one PUT: the object appears whole or not at all, so a retry is safe
-            self._retry(lambda: self.fs.pipe_file(self._p(url), data), f"write({url})")
-            self.invalidate(url)
+        if self.is_local:
+            atomic_write_bytes(self._p(url), data)
             return
-        url = self._p(url)
-        directory = os.path.dirname(url)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp.", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, url)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        _fsync_dir(directory)
+        # one PUT: the object appears whole or not at all, so a retry is safe
+        self._retry(lambda: atomic_write_bytes(url, data, fs=self.fs), f"write({url})")
+        self.invalidate(url)
 
     def rm_tree(self, url: str) -> None:
         if self.exists(url):
@@ -239,20 +224,6 @@ class Storage:
     def get_file(self, url: str, local_path: str) -> None:
         os.makedirs(os.path.dirname(local_path), exist_ok=True)
         self._retry(lambda: self.fs.get_file(self._p(url), local_path), f"download {url}")
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make a rename durable: the directory entry lives in the directory's own inode."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems (and FSx for Lustre clients) refuse fsync on a directory
-        pass
-    finally:
-        os.close(fd)
 
 
 def open_storage(url: str, storage_options: Optional[Mapping[str, Any]] = None) -> Storage:

@@ -8,7 +8,7 @@ boundaries and decides together. This package never imports ``train``. docs/resi
 exit-code table and the knobs.
 """
 
-from health.flags import (EXIT_BUDGET, EXIT_HANG, EXIT_PREEMPTED, EXIT_UNHEALTHY, StopFlags,
-                          StopRequest)
+from health.exit_codes import ExitCode
+from health.flags import StopFlags, StopRequest
 
-__all__ = ["StopFlags", "StopRequest", "EXIT_PREEMPTED", "EXIT_UNHEALTHY", "EXIT_BUDGET", "EXIT_HANG"]
+__all__ = ["ExitCode", "StopFlags", "StopRequest"]

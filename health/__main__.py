@@ -1,8 +1,8 @@
-"""``python -m health preflight [--deep] [--expected-gpus N] [--instance-type T]``: exit 0 healthy,
-76 unhealthy (the table names hosts and GPUs), 2 bad arguments.
+"""``python -m health preflight [--deep] [--expected-gpus N] [--instance-type T]``: exit OK healthy,
+UNHEALTHY (the table names hosts and GPUs), CONFIG_ERROR bad arguments (``health.exit_codes.ExitCode``).
 
-``python -m health nvml``: one NVML reading per GPU and the policy's findings (exit 0; 76 when a
-finding asks to leave the node).
+``python -m health nvml``: one NVML reading per GPU and the policy's findings (exit OK; UNHEALTHY
+when a finding asks to leave the node).
 
 ``python -m health exit-code --dir RUN_DIR --rc RC``: prints the exit code a launcher should act on
 (the ranks' exit records, else RC): torchrun itself exits 1 whatever its workers' codes.
@@ -20,8 +20,7 @@ import logging
 import os
 import sys
 
-from health.flags import EXIT_UNHEALTHY
-
+from health.exit_codes import ExitCode
 
 def _init_pg_from_env(timeout_s: float):
     import torch
@@ -65,7 +64,7 @@ def cmd_preflight(a) -> int:
                 with open(a.json, "w") as f:
                     json.dump({"healthy": rep.healthy, "checks": [asdict(c) for c in rep.checks]}, f, indent=1)
         print(rep.summary(), file=sys.stderr if not rep.healthy else sys.stdout, flush=True)
-        code = 0 if rep.healthy else EXIT_UNHEALTHY
+        code = 0 if rep.healthy else ExitCode.UNHEALTHY
         if a.record_dir:
             from health.exit_record import write_exit_record
 
@@ -100,7 +99,7 @@ def cmd_nvml(a) -> int:
             bad |= f.action == EXIT_76
     finally:
         probe.close()
-    return EXIT_UNHEALTHY if bad else 0
+    return ExitCode.UNHEALTHY if bad else 0
 
 
 def cmd_exit_code(a) -> int:

@@ -1,13 +1,13 @@
 """The exit code, written where a launcher can read it: torchrun does not pass it through.
 
 Measured (torch 2.13): when any worker exits non-zero, torchrun itself exits 1, whatever the
-worker's code (75, 76, ...). So each rank writes ``<dir>/exit_code.rank<r>.json`` just before it
+worker's code (PREEMPTED, UNHEALTHY, ...). So each rank writes ``<dir>/exit_code.rank<r>.json`` just before it
 exits with a deliberate code, and the launcher asks
 ``python -m health exit-code --dir RUN_DIR --rc $?`` for the code to act on. A rank that crashed
 writes nothing; with no record the launcher's own ``--rc`` stands.
 
-Several ranks' records combine by: 2 config > 76 unhealthy > 77 budget > 78 hang > 1 crash >
-75 preempted > 0 (whatever is most permanent wins; 75 needs every rank's shards, so one rank's
+Several ranks' records combine by (``ExitCode`` names): CONFIG_ERROR > UNHEALTHY > BUDGET_EXHAUSTED >
+HANG > CRASH > PREEMPTED > OK (whatever is most permanent wins; PREEMPTED needs every rank's shards, so one rank's
 crash or hang means the attempt did not end cleanly).
 """
 
@@ -18,7 +18,11 @@ import json
 import os
 import time
 
-ORDER = {2: 7, 76: 6, 77: 5, 78: 4, 1: 3, 75: 2, 0: 1}
+from checkpointing.atomic import atomic_write_text
+from health.exit_codes import ExitCode
+
+_E = ExitCode
+ORDER = {_E.CONFIG_ERROR: 7, _E.UNHEALTHY: 6, _E.BUDGET_EXHAUSTED: 5, _E.HANG: 4, _E.CRASH: 3, _E.PREEMPTED: 2, _E.OK: 1}
 PATTERN = "exit_code.rank*.json"
 
 
@@ -28,14 +32,9 @@ def record_path(directory: str, rank: int) -> str:
 
 def write_exit_record(directory: str, rank: int, code: int, reason: str = "") -> str:
     """Atomically write this rank's exit code (temp file + rename); returns the path."""
-    os.makedirs(directory, exist_ok=True)
     path = record_path(directory, rank)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"code": int(code), "reason": reason, "rank": rank, "pid": os.getpid(), "time": time.time()}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"code": int(code), "reason": reason, "rank": rank, "pid": os.getpid(),
+                                        "time": time.time()}))
     return path
 
 

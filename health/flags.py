@@ -7,12 +7,12 @@ highest-priority one. No request can be lost to a race between a watcher thread 
 
 Priority when several stop reasons arrive before the loop acts on them:
 
-    76 UNHEALTHY  >  77 BUDGET  >  75 PREEMPTED
+    UNHEALTHY  >  BUDGET_EXHAUSTED  >  PREEMPTED     (health.exit_codes.ExitCode)
 
 * Unhealthy wins: the launcher must learn to exclude this node, whatever else happened; a budget
   stop is still noticed by the next attempt (the cost meter is in the checkpoint).
-* Budget beats preemption: 77 is terminal; resubmitting after a spot notice would only start a
-  node to exit 77 again.
+* Budget beats preemption: BUDGET_EXHAUSTED is terminal; resubmitting after a spot notice would
+  only start a node to exit with it again.
 * Any other code ranks below these, in request order.
 """
 
@@ -21,20 +21,16 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
-# Mirrors train/exit_codes.py (health never imports train); the hang code lives only here.
-EXIT_PREEMPTED = 75
-EXIT_UNHEALTHY = 76
-EXIT_BUDGET = 77
-EXIT_HANG = 78  # the hang watchdog's os._exit code: resubmit with bounded retries (docs/resilience.md)
+from health.exit_codes import ExitCode
 
-PRIORITY = {EXIT_UNHEALTHY: 3, EXIT_BUDGET: 2, EXIT_PREEMPTED: 1}
+PRIORITY = {ExitCode.UNHEALTHY: 3, ExitCode.BUDGET_EXHAUSTED: 2, ExitCode.PREEMPTED: 1}
 _MAX_REQUESTS = 256  # watchers request once per event; this bounds a misbehaving caller
 
 
 def from_priority(p: int) -> int:
     """The exit code of a priority (inverse of ``priority``; 0 for 'no stop'). For a loop that packs
     the priority into its own boundary all-reduce instead of calling ``agree_stop``."""
-    return {v: k for k, v in PRIORITY.items()}.get(int(p), 0)
+    return int({v: k for k, v in PRIORITY.items()}.get(int(p), ExitCode.OK))
 
 
 class StopRequest(NamedTuple):

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 import urllib.error
 import urllib.request
 from datetime import datetime
 
-from health.flags import EXIT_PREEMPTED, StopFlags
+from health.background import BackgroundThread
+from health.exit_codes import ExitCode
+from health.flags import StopFlags
 
 log = logging.getLogger("moeforge.health")
 
@@ -145,10 +146,11 @@ def parse_notice_time(s: str) -> float | None:
 
 
 class PreemptionWatcher:
-    """Daemon thread: polls spot/instance-action every ``interval_s``; on a notice sets code 75 once.
+    """Daemon thread: polls spot/instance-action every ``interval_s``; on a notice requests
+    ``ExitCode.PREEMPTED`` once.
 
     A rebalance recommendation (capacity risk, not a notice) logs a warning; with
-    ``act_on_rebalance=True`` it also requests a checkpoint-and-exit 75.
+    ``act_on_rebalance=True`` it also requests a checkpoint-and-exit PREEMPTED.
     """
 
     def __init__(self, flags: StopFlags, endpoint: str = DEFAULT_ENDPOINT, interval_s: float = 5.0,
@@ -164,21 +166,18 @@ class PreemptionWatcher:
         self.rebalance: dict | None = None
         self.polls = 0
         self.errors = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = BackgroundThread("moeforge-imds", self._run)
+        self._stop = self._thread.stop_event
 
     def start(self) -> bool:
         """Start polling; False (and no thread) when IMDS is not reachable."""
         if not self.client.available():
             return False
-        self._thread = threading.Thread(target=self._run, name="moeforge-imds", daemon=True)
         self._thread.start()
         return True
 
     def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._thread.stop(timeout)
 
     def poll_once(self) -> None:
         self.polls += 1
@@ -194,14 +193,14 @@ class PreemptionWatcher:
             when = action.get("time", "?")
             self.deadline = parse_notice_time(when)
             reason = f"spot interruption notice: {action.get('action', '?')} at {when}"
-            log.warning("%s; requesting checkpoint and exit %d", reason, EXIT_PREEMPTED)
-            self.flags.request(EXIT_PREEMPTED, reason)
+            log.warning("%s; requesting checkpoint and exit %d", reason, ExitCode.PREEMPTED)
+            self.flags.request(ExitCode.PREEMPTED, reason)
         if rebalance and self.rebalance is None:
             self.rebalance = rebalance
             msg = f"EC2 rebalance recommendation (noticeTime {rebalance.get('noticeTime', '?')})"
             if self.act_on_rebalance:
-                log.warning("%s; health.act_on_rebalance=true: checkpoint and exit %d", msg, EXIT_PREEMPTED)
-                self.flags.request(EXIT_PREEMPTED, msg)
+                log.warning("%s; health.act_on_rebalance=true: checkpoint and exit %d", msg, ExitCode.PREEMPTED)
+                self.flags.request(ExitCode.PREEMPTED, msg)
             else:
                 log.warning("%s: spot capacity at risk; continuing (health.act_on_rebalance=false)", msg)
 

@@ -1,5 +1,5 @@
 """HealthMonitor: a low-priority daemon thread that reads every GPU each interval, logs findings
-(GPU index, host, raw value) and requests stop code 76 for ECC / row-remap / bad-XID findings.
+(GPU index, host, raw value) and requests ``ExitCode.UNHEALTHY`` for ECC / row-remap / bad-XID findings.
 
 Thermal and power slowdowns are warnings only. Each distinct (gpu, what, value) is logged once, so a
 GPU stuck at its power cap does not fill the log. ``last_poll_s`` is the measured cost of one pass.
@@ -13,7 +13,9 @@ import socket
 import threading
 import time
 
-from health.flags import EXIT_UNHEALTHY, StopFlags
+from health.background import BackgroundThread
+from health.exit_codes import ExitCode
+from health.flags import StopFlags
 from health.policy import EXIT_76, IGNORE, WARN, Finding, PolicyConfig, evaluate, evaluate_xid
 
 WARN_REPEAT_S = 600.0  # a repeating warning about one GPU counter is logged at most this often
@@ -41,18 +43,15 @@ class HealthMonitor:
         self._warned: dict = {}  # (gpu, what) -> when last warned
         self._prev: dict[int, object] = {}
         self._requested = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = BackgroundThread("moeforge-nvml", self._run)
+        self._stop = self._thread.stop_event
 
     def start(self) -> "HealthMonitor":
-        self._thread = threading.Thread(target=self._run, name="moeforge-nvml", daemon=True)
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._thread.stop(timeout)
 
     def poll_once(self) -> list[Finding]:
         """Read all GPUs and pending XIDs once; returns this pass's new findings."""
@@ -96,7 +95,7 @@ class HealthMonitor:
                 self.log.warning("health: %s", f.message())
             if f.action == EXIT_76 and not self._requested:
                 self._requested = True
-                self.flags.request(EXIT_UNHEALTHY, f"unhealthy GPU: {f.message()}")
+                self.flags.request(ExitCode.UNHEALTHY, f"unhealthy GPU: {f.message()}")
         return new
 
     def _run(self) -> None:

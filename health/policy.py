@@ -3,9 +3,9 @@
 Actions:
     ignore              nothing to do (logged at debug)
     warn                log a warning with GPU, host and raw value; keep training
-    checkpoint_exit_76  request stop code 76: checkpoint at the next step boundary and exit so the
+    checkpoint_exit_76  request ExitCode.UNHEALTHY: checkpoint at the next step boundary and exit so the
                         launcher resubmits on another node (if the GPU is too far gone to save, the
-                        trainer still exits 76 and the previous committed checkpoint is used)
+                        trainer still exits UNHEALTHY and the previous committed checkpoint is used)
 
 XID meanings follow NVIDIA's "XID Errors" catalogue (docs.nvidia.com/deploy/xid-errors) and its
 GPU memory error-management guide (row remapping on A100/H100).
@@ -14,6 +14,8 @@ GPU memory error-management guide (row remapping on A100/H100).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from health.config import HealthConfig
 
 IGNORE, WARN, EXIT_76 = "ignore", "warn", "checkpoint_exit_76"
 
@@ -65,8 +67,8 @@ class PolicyConfig:
     xid_actions: dict | None = None  # overrides of XID_ACTIONS, {xid: action}
 
     @classmethod
-    def from_config(cls, cfg) -> "PolicyConfig":
-        """From a HealthConfig-like object (duck-typed; missing fields keep their defaults)."""
+    def from_config(cls, cfg: HealthConfig | None) -> "PolicyConfig":
+        """From the ``health`` section (a partial one too: missing fields keep their defaults)."""
         kw = {}
         for f in ("ecc_uncorrected_max", "temp_warn_c", "pcie_replay_warn_delta", "nvlink_error_warn_delta",
                   "xid_actions"):

@@ -7,7 +7,7 @@ copy bandwidth vs a floor; all-reduce bus bandwidth across every rank (when a pr
 torchrun environment exists) vs a floor per instance type; EFA devices on EFA instance types.
 
 On CPU it runs matmul correctness in fp32 and bf16, reports GPU checks as skipped, and passes.
-Exit 76 names the bad hosts and GPUs; exit 0 when healthy (``python -m health preflight``).
+Exit ``ExitCode.UNHEALTHY`` names the bad hosts and GPUs; exit 0 when healthy (``python -m health preflight``).
 """
 
 from __future__ import annotations

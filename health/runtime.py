@@ -1,10 +1,10 @@
 """One facade for the training loop: start the watchers, feed them each step, agree at the step
-boundary, leave an exit record, shut down. Takes the ``health`` config section duck-typed.
+boundary, leave an exit record, shut down. Takes the ``health`` config section (``health.config``).
 
     hr = HealthRuntime(cfg.health, rank=..., local_rank=..., world_size=..., run_dir=..., group=ctl)
     hr.apply_early_env()                   # before init_process_group (flight recorder)
     ...init process group...
-    report = hr.preflight(expected_gpus, instance_type)   # exit 76 when not report.healthy
+    report = hr.preflight(expected_gpus, instance_type)   # ExitCode.UNHEALTHY when not report.healthy
     hr.start()                             # signals, spot watcher, GPU monitor, hang watchdog
     for each step:
         verdict = hr.nan_guard.check(loss, grad_norm)       # ok | skip | rollback | stop
@@ -21,15 +21,12 @@ import os
 import socket
 import time
 
+from health.config import HealthConfig
 from health.exit_record import clear_exit_records, write_exit_record
 from health.flags import StopFlags, StopRequest, agree_stop
 from health.nan_guard import NonFiniteGuard, first_non_finite
 
 log = logging.getLogger("moeforge.health")
-
-
-def _get(cfg, name, default):
-    return getattr(cfg, name, default) if cfg is not None else default
 
 
 def own_times(steps: list[list[float]], leads: list[list[float]]) -> list[list[float]]:
@@ -48,16 +45,17 @@ def own_times(steps: list[list[float]], leads: list[list[float]]) -> list[list[f
 
 
 class HealthRuntime:
-    def __init__(self, cfg, *, rank: int = 0, local_rank: int = 0, world_size: int = 1, run_dir: str = ".",
+    def __init__(self, cfg: HealthConfig | None, *, rank: int = 0, local_rank: int = 0, world_size: int = 1, run_dir: str = ".",
                  group=None, probe=None, install_signals: bool = True, host: str | None = None):
+        cfg = HealthConfig() if cfg is None else cfg  # None: every default (tests, tools)
         self.cfg = cfg
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
         self.run_dir = run_dir
         self.group = group  # the gloo control group for the small collectives
         self.host = host or socket.gethostname()
         self.flags = StopFlags()
-        self.nan_guard = NonFiniteGuard(int(_get(cfg, "nan_max_skips", 3)), str(_get(cfg, "nan_on_exhausted", "rollback")),
-                                        int(_get(cfg, "nan_max_rollbacks", 3)))
+        self.nan_guard = NonFiniteGuard(int(cfg.nan_max_skips), str(cfg.nan_on_exhausted),
+                                        int(cfg.nan_max_rollbacks))
         self._probe = probe  # None: open NVML on local rank 0 at start()
         self._install_signals = install_signals
         self.signals = self.imds = self.monitor = self.watchdog = self.straggler = None
@@ -83,7 +81,7 @@ class HealthRuntime:
 
     def preflight(self, expected_gpus: int = 0, instance_type: str = ""):
         """Run the preflight per ``health.preflight`` (off | quick | deep); None when off."""
-        mode = str(_get(self.cfg, "preflight", "quick"))
+        mode = str(self.cfg.preflight)
         if mode == "off":
             return None
         from health.preflight import run_preflight
@@ -110,12 +108,12 @@ class HealthRuntime:
 
             self.signals = install_signal_handlers(self.flags)
         if self.local_rank == 0:  # one poller per node; agreement spreads its flags to every rank
-            w = PreemptionWatcher(self.flags, str(_get(self.cfg, "imds_endpoint", "http://169.254.169.254")),
-                                  interval_s=float(_get(self.cfg, "imds_interval_s", 5.0)),
-                                  timeout_s=float(_get(self.cfg, "imds_timeout_s", 0.5)),
-                                  act_on_rebalance=bool(_get(self.cfg, "act_on_rebalance", False)))
+            w = PreemptionWatcher(self.flags, str(self.cfg.imds_endpoint),
+                                  interval_s=float(self.cfg.imds_interval_s),
+                                  timeout_s=float(self.cfg.imds_timeout_s),
+                                  act_on_rebalance=bool(self.cfg.act_on_rebalance))
             self.imds = w if w.start() else None
-            interval = float(_get(self.cfg, "nvml_interval_s", 30.0))
+            interval = float(self.cfg.nvml_interval_s)
             probe = self._probe
             if probe is None and interval > 0:
                 from health.nvml import open_probe
@@ -124,14 +122,14 @@ class HealthRuntime:
             if probe is not None and interval > 0:
                 self.monitor = HealthMonitor(probe, self.flags, interval, PolicyConfig.from_config(self.cfg),
                                              host=self.host).start()
-        hang = float(_get(self.cfg, "hang_timeout_s", 0.0))
+        hang = float(self.cfg.hang_timeout_s)
         if hang > 0:
             self.watchdog = HangWatchdog(hang, self.dump_dir, rank=self.rank, exit_record_dir=self.run_dir).start()
-        if int(_get(self.cfg, "straggler_every", 0)) > 0 and self.world_size > 1:
+        if int(self.cfg.straggler_every) > 0 and self.world_size > 1:
             self.hosts = gather_hosts(self.group)  # a collective: every rank calls start()
-            self.straggler = StragglerDetector(float(_get(self.cfg, "straggler_threshold", 1.2)),
-                                               int(_get(self.cfg, "straggler_min_slow", 3)),
-                                               int(_get(self.cfg, "straggler_windows", 5)), self.hosts)
+            self.straggler = StragglerDetector(float(self.cfg.straggler_threshold),
+                                               int(self.cfg.straggler_min_slow),
+                                               int(self.cfg.straggler_windows), self.hosts)
         return self
 
     # ------------------------------------------------------------------ each step
@@ -147,7 +145,7 @@ class HealthRuntime:
 
     def at_boundary(self, step: int) -> StopRequest | None:
         """Collective (every rank, every step): straggler window when due, then the stop agreement."""
-        every = int(_get(self.cfg, "straggler_every", 0))
+        every = int(self.cfg.straggler_every)
         if self.straggler is not None and every > 0 and step % every == 0:
             from health.straggler import gather_step_times
 

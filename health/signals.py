@@ -1,4 +1,4 @@
-"""Signal handlers that only set a stop flag (code 75); the loop checkpoints at the next boundary.
+"""Signal handlers that only set a stop flag (``ExitCode.PREEMPTED``); the loop checkpoints at the next boundary.
 
 Which signals arrive, and when: torchrun forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers by
 default and SIGUSR1 only with ``--signals-to-handle``; Slurm's ``--signal=B:USR1@N`` signals the
@@ -12,7 +12,8 @@ from __future__ import annotations
 import signal
 import threading
 
-from health.flags import EXIT_PREEMPTED, StopFlags
+from health.exit_codes import ExitCode
+from health.flags import StopFlags
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -32,7 +33,7 @@ class SignalHandlers:
 
     def _handle(self, signum, frame) -> None:  # runs in the main thread, between bytecodes
         name = signal.Signals(signum).name
-        self.flags.request(EXIT_PREEMPTED, f"received {name}: checkpoint and exit {EXIT_PREEMPTED}")
+        self.flags.request(ExitCode.PREEMPTED, f"received {name}: checkpoint and exit {ExitCode.PREEMPTED}")
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+from health.config import HealthConfig
 from health.policy import EXIT_76, IGNORE, WARN
 
 
-def health_errors(h) -> list[str]:
+def health_errors(h: HealthConfig) -> list[str]:
     errs: list[str] = []
-    g = lambda name, default=None: getattr(h, name, default)  # noqa: E731 (duck-typed section)
+    g = lambda name, default=None: getattr(h, name, default)  # noqa: E731 (a partial section keeps defaults)
     if g("preflight", "quick") not in ("off", "quick", "deep"):
         errs.append(f"health.preflight={g('preflight')!r} must be off, quick or deep")
     if g("nan_on_exhausted", "rollback") not in ("rollback", "stop"):

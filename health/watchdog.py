@@ -1,5 +1,5 @@
 """Hang watchdog: if the training loop makes no progress for ``timeout_s``, dump every thread's
-Python stack (and, on GPU, the NCCL flight recorder) and exit with ``EXIT_HANG`` (78).
+Python stack (and, on GPU, the NCCL flight recorder) and exit with ``ExitCode.HANG``.
 
 Why exit at all: a rank stuck in a collective holds every other rank; NCCL's own timeout
 (``parallel.timeout_s``) may be long and its abort does not say where Python was. The dump names the
@@ -20,7 +20,8 @@ import threading
 import time
 import traceback
 
-from health.flags import EXIT_HANG
+from health.background import BackgroundThread
+from health.exit_codes import ExitCode
 
 log = logging.getLogger("moeforge.health")
 
@@ -54,25 +55,25 @@ def format_all_stacks() -> str:
 def dump_flight_recorder(path: str) -> bool:
     """Write the flight-recorder trace (pickled: version, pg_config, pg_status, entries) to ``path``.
 
-    The one place that knows the private entry points: ``_dump_nccl_trace`` (CUDA builds; includes
-    NCCL communicator state) and ``_dump_fr_trace`` (any backend, torch >= 2.9). False where neither
-    exists, no process group is up, or torch was never imported (no PG then either)."""
+    The private entry points live behind ``compat.torch_compat.dump_flight_recorder_trace``. False
+    where this build has none, no process group is up, or torch was never imported (no PG then
+    either: the lazy imports keep torch out of processes that never loaded it)."""
     if "torch.distributed" not in sys.modules:
         return False
     try:
         import torch.distributed as dist
-        from torch._C import _distributed_c10d as c10d
+
+        from compat.torch_compat import dump_flight_recorder_trace
     except ImportError:
         return False
     if not (dist.is_available() and dist.is_initialized()):
         return False
-    fn = getattr(c10d, "_dump_nccl_trace", None) or getattr(c10d, "_dump_fr_trace", None)
-    if fn is None:
-        return False
     try:
-        data = fn()
+        data = dump_flight_recorder_trace()
     except Exception as e:  # never let the dump stop the exit
         log.warning("flight recorder dump failed: %s", e)
+        return False
+    if data is None:
         return False
     with open(path, "wb") as f:
         f.write(data)
@@ -80,7 +81,7 @@ def dump_flight_recorder(path: str) -> bool:
 
 
 class HangWatchdog:
-    def __init__(self, timeout_s: float, dump_dir: str, rank: int = 0, exit_code: int = EXIT_HANG,
+    def __init__(self, timeout_s: float, dump_dir: str, rank: int = 0, exit_code: int = ExitCode.HANG,
                  poll_s: float | None = None, on_hang=None, exit_record_dir: str | None = None):
         self.timeout_s = float(timeout_s)
         self.dump_dir = dump_dir
@@ -92,20 +93,17 @@ class HangWatchdog:
         self.step = -1
         self._last = time.monotonic()
         self._extra = 0.0  # grace seconds granted by grace()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = BackgroundThread("moeforge-hang-watchdog", self._run)
+        self._stop = self._thread.stop_event
         self.fired = False
 
     def start(self) -> "HangWatchdog":
         self._last = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="moeforge-hang-watchdog", daemon=True)
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._thread.stop(timeout)
 
     def beat(self, step: int) -> None:
         """Progress: call once per optimizer step (two attribute stores; no lock)."""

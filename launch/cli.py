@@ -12,10 +12,14 @@ import argparse
 import os
 import re
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
-from launch.config import EXIT_CONFIG_ERROR, LaunchConfigError, compose
+from health.exit_codes import ExitCode
 
+from launch.config import Composed, LaunchConfigError, compose
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 TARGETS = ("local", "slurm", "hyperpod", "hyperpod-eks")
 
 
@@ -37,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds before the time limit that Slurm sends USR1 (>= one step + a save + 30 s)")
     p.add_argument("--cpus-per-task", type=int, default=0, help="Slurm CPUs per node task (0: Slurm's default)")
     p.add_argument("--exclusive", action="store_true", help="sbatch --exclusive (the default with GPUs)")
-    p.add_argument("--max-retries", type=int, default=3, help="requeues after crashes/hangs (codes 1, 78, other)")
+    p.add_argument("--max-retries", type=int, default=3, help=f"requeues after crashes/hangs (codes {ExitCode.CRASH:d}, {ExitCode.HANG:d}, other)")
     p.add_argument("--hyperpod", action="store_true",
                    help="slurm: force srun --auto-resume=1 (default: when /opt/sagemaker_cluster exists on the node)")
     p.add_argument("--run-dir", default="", help="explicit run directory (default: output_dir/run_name from the config)")
@@ -61,15 +65,15 @@ def _split(argv: List[str]):
     return argv, []
 
 
-def _instance_type(args, cfg) -> str:
+def _instance_type(args: argparse.Namespace, cfg: TrainConfig) -> str:
     return args.instance_type or (cfg.cluster.instance_type if cfg.cluster.instance_type != "local" else "")
 
 
-def _neuron_env(c) -> dict:
+def _neuron_env(c: Composed) -> dict:
     """trainer.device=neuron on EKS: the Neuron variables in the pod spec (no precompile step there)."""
     if c.cfg.trainer.device != "neuron":
         return {}
-    from train.neuron_env import recommended_xla_env
+    from devices.neuron_env import recommended_xla_env
 
     return {s.key: s.value for s in recommended_xla_env("neuron", c.cfg.neuron, c.run_dir, local_rank=None)}
 
@@ -82,10 +86,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     overrides = list(args.overrides) + overrides
     if args.time and not re.fullmatch(r"(\d+-)?\d+:\d{2}:\d{2}|\d+", args.time):
         print(f"config error: --time {args.time!r} is not HH:MM:SS", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return ExitCode.CONFIG_ERROR
     if args.nodes < 1:
         print("config error: --nodes must be >= 1", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return ExitCode.CONFIG_ERROR
     eks = args.target == "hyperpod-eks"
     if eks and not args.instance_type:
         args.instance_type = "p5.48xlarge"
@@ -101,19 +105,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                     nodes=args.nodes if args.nodes != 1 or args.instance_type else None, cwd=cwd)
     except LaunchConfigError as e:
         print(str(e), file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return ExitCode.CONFIG_ERROR
     gpus = args.gpus_per_node if args.gpus_per_node is not None else int(c.cfg.cluster.accelerators_per_node or 0)
     xla = c.cfg.trainer.device in ("neuron", "xla")
-    if xla:  # NeuronCores are not Slurm GPUs, and the XLA path runs one process (train/neuron_env.py)
+    if xla:  # NeuronCores are not Slurm GPUs, and the XLA path runs one process (devices/neuron_env.py)
         gpus = args.gpus_per_node or 0
     nproc = args.nproc_per_node or gpus or 1
     if xla:
-        from train.neuron_env import xla_config_errors
+        from devices.neuron_env import xla_config_errors
 
         errors = xla_config_errors(c.cfg, args.nodes * nproc)
         if errors:
             print("config error: " + "; ".join(errors), file=sys.stderr)
-            return EXIT_CONFIG_ERROR
+            return ExitCode.CONFIG_ERROR
     print(f"run_name={c.run_name}")
     print(f"run_dir={c.run_dir}")
     # Secrets never reach a file or an echo: each secret override becomes an environment reference
@@ -148,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             E.resources(args.instance_type)
         except ValueError as e:
             print(f"config error: {e}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
+            return ExitCode.CONFIG_ERROR
         if args.dry_run:  # print only: RUN_DIR is a path inside the pods (FSx), maybe not mounted here
             doc = E.manifest(job)
             try:

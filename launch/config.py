@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
-EXIT_CONFIG_ERROR = 2
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 
 
 class LaunchConfigError(Exception):
@@ -22,7 +23,7 @@ class LaunchConfigError(Exception):
 
 @dataclass
 class Composed:
-    cfg: object  # train.config.TrainConfig
+    cfg: "TrainConfig"
     overrides: List[str]  # what the job passes to `python -m train` (launcher additions included)
     run_name: str
     run_dir: str  # absolute

@@ -2,9 +2,10 @@
 
 Each attempt clears the exit records, runs torchrun (``--signals-to-handle`` includes SIGUSR1),
 and reads the code to act on from ``python -m health exit-code`` semantics
-(health.exit_record.resolve_exit_code). 75 restarts (the next attempt resumes from the commit)
-unless the launcher itself was signalled, in which case it stops with 75 so whoever signalled it
-decides; 76 stops (there is no other node here); 77 and 2 stop; 78, 1 and other codes restart
+(health.exit_record.resolve_exit_code). In ``ExitCode`` names: PREEMPTED restarts (the next attempt
+resumes from the commit) unless the launcher itself was signalled, in which case it stops with
+PREEMPTED so whoever signalled it decides; UNHEALTHY stops (there is no other node here);
+BUDGET_EXHAUSTED and CONFIG_ERROR stop; HANG, CRASH and other codes restart
 while this launch's failures are at most ``--max-retries``. SIGTERM/SIGINT/SIGUSR1/SIGHUP sent to
 the launcher are forwarded to torchrun, which forwards them to the workers.
 """

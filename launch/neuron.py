@@ -2,7 +2,7 @@
 
 The sbatch script gets, before the training step:
 
-- the Neuron variables of train/neuron_env.py as ``export KEY=${KEY-value}`` lines: the values the
+- the Neuron variables of devices/neuron_env.py as ``export KEY=${KEY-value}`` lines: the values the
   trainer would set itself, exported here because ``neuron_parallel_compile`` (the outer process)
   reads ``NEURON_COMPILE_CACHE_URL`` to know where to put what it compiles;
 - on the first attempt that finds no ``COMPILED`` marker, a ``neuron_parallel_compile`` trial run
@@ -18,21 +18,24 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import dataclass, field
-from typing import List
+from typing import TYPE_CHECKING, List
 
 from launch.config import _has_key
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 
 
 @dataclass
 class NeuronLaunch:
-    exports: str  # export lines (train.neuron_env.shell_exports)
+    exports: str  # export lines (devices.neuron_env.shell_exports)
     precompile_overrides: List[str] = field(default_factory=list)  # empty: no precompile
     precompile_run_dir: str = ""
 
 
-def neuron_launch(cfg, overrides: List[str], run_dir: str) -> NeuronLaunch:
+def neuron_launch(cfg: TrainConfig, overrides: List[str], run_dir: str) -> NeuronLaunch:
     """What the script adds for a composed ``trainer.device=neuron`` config and its RUN_DIR."""
-    from train.neuron_env import (PRECOMPILE_SUBDIR, compile_cache_url, precompile_overrides,
+    from devices.neuron_env import (PRECOMPILE_SUBDIR, compile_cache_url, precompile_overrides,
                                   recommended_xla_env, shell_exports)
 
     settings = recommended_xla_env("neuron", cfg.neuron, run_dir, local_rank=None)
@@ -52,7 +55,7 @@ def render_block(neuron: NeuronLaunch, srun: str, torchrun: str, program: str = 
     """Bash for the script: exports, then the trial run: ``srun`` and ``torchrun`` are the training
     step's own command parts (each ending in `` \\\n``), with ``neuron_parallel_compile`` between them."""
     out = ["# Trainium (trainer.device=neuron): Neuron variables, the same as the trainer's own",
-           "# (train/neuron_env.py); a value already in the job's environment wins.", neuron.exports]
+           "# (devices/neuron_env.py); a value already in the job's environment wins.", neuron.exports]
     if not neuron.precompile_overrides:
         return "\n".join(out + ["# neuron.precompile_steps=0: graphs compile just in time", ""])
     q = shlex.quote

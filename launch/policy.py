@@ -6,17 +6,19 @@ it is ``python -m health exit-code --dir RUN_DIR --rc $rc`` (the ranks' exit rec
 
 from __future__ import annotations
 
+from health.exit_codes import ExitCode
+
 DONE, REQUEUE, REQUEUE_EXCLUDE, STOP, RETRY = "done", "requeue", "requeue-exclude-node", "stop", "retry"
 
 # code -> (name, action)
 POLICY = {
-    0: ("done", DONE),
-    75: ("preempted", REQUEUE),
-    76: ("unhealthy node", REQUEUE_EXCLUDE),
-    77: ("budget spent", STOP),
-    2: ("config error", STOP),
-    78: ("hang", RETRY),
-    1: ("crash", RETRY),
+    ExitCode.OK: ("done", DONE),
+    ExitCode.PREEMPTED: ("preempted", REQUEUE),
+    ExitCode.UNHEALTHY: ("unhealthy node", REQUEUE_EXCLUDE),
+    ExitCode.BUDGET_EXHAUSTED: ("budget spent", STOP),
+    ExitCode.CONFIG_ERROR: ("config error", STOP),
+    ExitCode.HANG: ("hang", RETRY),
+    ExitCode.CRASH: ("crash", RETRY),
 }
 
 
@@ -30,18 +32,18 @@ def table_markdown() -> str:
             "|-----:|---------|------------------------|----------------------------------|--------------|"]
     text = {
         DONE: ("exit 0", "exit 0", "job succeeds"),
-        REQUEUE: ("`scontrol requeue $SLURM_JOB_ID`", "restart torchrun (resumes); exit 75 if the launcher itself was signalled",
+        REQUEUE: ("`scontrol requeue $SLURM_JOB_ID`",
+                  f"restart torchrun (resumes); exit {ExitCode.PREEMPTED:d} if the launcher itself was signalled",
                   "restart (`runPolicy`)"),
         REQUEUE_EXCLUDE: ("`scontrol update JobId=$SLURM_JOB_ID ExcNodeList=<node>` + requeue",
-                          "stop, exit 76 (no other node)", "restart (HyperPod replaces faulty nodes)"),
+                          f"stop, exit {ExitCode.UNHEALTHY:d} (no other node)", "restart (HyperPod replaces faulty nodes)"),
         STOP: ("stop, exit with the code", "stop, exit with the code",
                "the operator restarts any failure: each attempt exits again at once, `jobMaxRetryCount` bounds it"),
         RETRY: ("requeue while failures ≤ `--max-retries`", "restart while failures ≤ `--max-retries`",
                 "restart while ≤ `runPolicy.jobMaxRetryCount`"),
     }
-    for code in (0, 75, 76, 77, 2, 78, 1):
-        name, act = POLICY[code]
+    for code, (name, act) in POLICY.items():
         s, l, e = text[act]
-        rows.append(f"| {code} | {name} | {s} | {l} | {e} |")
+        rows.append(f"| {code:d} | {name} | {s} | {l} | {e} |")
     rows.append("| other | crash | as 1 | as 1 | as 1 |")
     return "\n".join(rows)

@@ -11,8 +11,8 @@ The script (docs/launch.md walks through it):
 - exports RUN_DIR (the same for every attempt, so ``checkpoint.resume=auto`` finds the commits);
   EFA/NCCL settings come from the trainer itself (parallelism/efa.py);
 - after the step, the code to act on is ``python -m health exit-code --dir $RUN_DIR --rc $rc``
-  and launch.policy's table decides: 0 done, 75 requeue, 76 exclude this node and requeue, 77 and
-  2 stop, anything else requeue while the job's failures are at most ``--max-retries``.
+  and launch.policy's table decides (``ExitCode`` names): OK done, PREEMPTED requeue, UNHEALTHY
+  exclude this node and requeue, BUDGET_EXHAUSTED and CONFIG_ERROR stop, anything else requeue while the job's failures are at most ``--max-retries``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from checkpointing.atomic import atomic_write_text
+from health.exit_codes import ExitCode as E
 from launch.entry import torchrun_program
 
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
@@ -104,8 +106,8 @@ def render(job: SlurmJob) -> str:
     return f"""#!/bin/bash
 {header}
 # Rendered by `python -m launch slurm` for run {job.run_name}. Re-render rather than edit.
-# Exit-code policy (docs/launch.md): 0 done | 75 requeue | 76 exclude node + requeue |
-# 77, 2 stop | 78, 1, other: requeue while this job's failures <= MAX_RETRIES.
+# Exit-code policy (docs/launch.md): {E.OK:d} done | {E.PREEMPTED:d} requeue | {E.UNHEALTHY:d} exclude node + requeue |
+# {E.BUDGET_EXHAUSTED:d}, {E.CONFIG_ERROR:d} stop | {E.HANG:d}, {E.CRASH:d}, other: requeue while this job's failures <= MAX_RETRIES.
 set -uo pipefail
 
 export RUN_DIR={q(job.run_dir)}
@@ -155,13 +157,13 @@ code=$("$PY" -m health exit-code --dir "$RUN_DIR" --rc "$rc" 2>/dev/null) || cod
 [[ "$code" =~ ^[0-9]+$ ]] || code=$rc
 log "step exited rc=$rc; exit code to act on: $code"
 case "$code" in
-  0)  log "done"; exit 0 ;;
-  75) log "preempted with a committed checkpoint: requeue"; requeue ;;
-  76) log "unhealthy node $node: exclude it and requeue"
+  {E.OK:d})  log "done"; exit {E.OK:d} ;;
+  {E.PREEMPTED:d}) log "preempted with a committed checkpoint: requeue"; requeue ;;
+  {E.UNHEALTHY:d}) log "unhealthy node $node: exclude it and requeue"
       scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$node" || log "could not exclude $node"
       requeue ;;
-  77) log "budget spent: stop"; exit 77 ;;
-  2)  log "config error: stop"; exit 2 ;;
+  {E.BUDGET_EXHAUSTED:d}) log "budget spent: stop"; exit {E.BUDGET_EXHAUSTED:d} ;;
+  {E.CONFIG_ERROR:d})  log "config error: stop"; exit {E.CONFIG_ERROR:d} ;;
   *)  echo "$SLURM_JOB_ID $attempt $code" >> "$RUN_DIR/launch/failures"
       failures=$(grep -c "^$SLURM_JOB_ID " "$RUN_DIR/launch/failures")
       if [ "$failures" -le "$MAX_RETRIES" ]; then
@@ -174,12 +176,7 @@ esac
 
 def write(job: SlurmJob) -> str:
     path = job.script_path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(render(job))
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)
+    atomic_write_text(path, render(job), mode=0o755)
     return path
 
 
@@ -196,7 +193,3 @@ def submit(job: SlurmJob, secret_env: Optional[dict] = None) -> str:
     if p.returncode != 0:
         raise RuntimeError(f"sbatch failed ({p.returncode}): {p.stderr.strip()}")
     return p.stdout.strip().split(";")[0]
-
-
-def on_hyperpod_slurm() -> bool:
-    return os.path.isdir(HYPERPOD_MARKER)

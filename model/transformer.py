@@ -7,6 +7,7 @@ import zlib
 import torch
 from torch import nn
 
+from compat.torch_compat import dtensor_local
 from model.attention import kernels
 from model.block import TransformerBlock
 from model.config import ModelConfig, layer_is_moe, layer_kinds, layer_windows, validate_model_config
@@ -96,7 +97,7 @@ def _is_residual_out(name: str) -> bool:
 def _fill(p: torch.Tensor, make, seed: int = 0) -> None:
     """Fill ``p`` with ``make(shape, generator, device)``: the full tensor is drawn on the
     parameter's device type (same values on every rank), and a DTensor keeps its own shard."""
-    local = getattr(p, "_local_tensor", None)
+    local = dtensor_local(p)
     dev = (local if local is not None else p).device
     g = torch.Generator(device=dev)
     g.manual_seed(seed)

@@ -10,7 +10,7 @@
   the layer's capacity (``capacity_factor``), so a capacity-limited layer drops nothing more; a
   dropless layer (``capacity_factor=0``) gets ``C = N`` (exact, E x the expert FLOPs). No host
   sync and no data-dependent shape, so XLA compiles the step once instead of per routing.
-- ``"auto"``: padded on XLA devices; elsewhere grouped_mm where :func:`model.torch_compat.has_grouped_mm` says it runs for this
+- ``"auto"``: padded on XLA devices; elsewhere grouped_mm where :func:`compat.torch_compat.has_grouped_mm` says it runs for this
   device, dtype and dims (CUDA sm90+ bf16; CPU on torch >= 2.13; dims*elem_size % 16 == 0),
   else loop. The choice depends only on static properties, so it is compile-friendly.
 """
@@ -23,7 +23,7 @@ from torch import nn
 
 import math
 
-from model.torch_compat import grouped_mm, has_grouped_mm, index_select_1d
+from compat.torch_compat import grouped_mm, has_grouped_mm, index_select_1d
 from moe.shared import trunc_normal_fp32_
 
 __all__ = ["GroupedExperts", "IMPLS"]

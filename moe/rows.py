@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from model.torch_compat import index_select_rows
+from compat.torch_compat import index_select_rows
 
 __all__ = ["inverse_assignments", "gather_token_rows", "assignment_rows", "permute_rows", "weighted_k_sum"]
 

@@ -10,7 +10,7 @@ train      ``python -m train`` (Hydra overrides)        ``moeforge train model=d
 launch     ``python -m launch``                         ``moeforge launch slurm --nodes 2 -- ...``
 ckpt       ``python -m checkpointing`` (ls/verify/      ``moeforge ckpt verify outputs/run``
            export)
-report     ``python -m train.report``                   ``moeforge report outputs/run``
+report     ``python -m cost.report``                    ``moeforge report outputs/run``
 health     ``python -m health`` (preflight, nvml,       ``moeforge health preflight --deep``
            exit-code)
 prepare    ``python -m train.prepare``                  ``moeforge prepare --input a.txt --output s``
@@ -32,7 +32,7 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "train": ("train.cli", "sys.argv", "train a model (Hydra overrides: key=value ...)"),
     "launch": ("launch.cli", "argv", "run or submit a job: local, slurm, hyperpod, hyperpod-eks"),
     "ckpt": ("checkpointing.cli", "argv", "checkpoints: ls, verify, export"),
-    "report": ("train.report", "argv", "a run's HTML report (cost, goodput, loss, expert load)"),
+    "report": ("cost.report", "argv", "a run's HTML report (cost, goodput, loss, expert load)"),
     "health": ("health.__main__", "argv", "node health: preflight, nvml, exit-code"),
     "prepare": ("train.prepare", "argv", "tokenize text/JSONL into a shard directory"),
     "bench": ("bench.__main__", "sys.argv", "benchmarks: smoke, train, ckpt, attn, compare, split"),

@@ -31,18 +31,12 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
+
+from devices.env import EnvSetting  # the record of a setting, shared with devices/neuron_env.py
 
 __all__ = ["EnvSetting", "detect_efa", "libfabric_version", "recommended_efa_env", "apply_efa_env",
            "versions_report"]
-
-
-@dataclass(frozen=True)
-class EnvSetting:
-    key: str
-    value: str
-    reason: str
 
 
 def _run(cmd: List[str], timeout: float = 5.0) -> Optional[str]:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from compat.torch_compat import all_to_all_single_autograd
 from moe.experts import GroupedExperts, compute_dtype
 from moe.layer import MoELayer
 from moe.rows import assignment_rows, gather_token_rows, inverse_assignments, permute_rows, weighted_k_sum
@@ -39,10 +40,7 @@ __all__ = ["AllToAllDispatcher", "EPDispatchContext", "ExpertParallelExperts", "
 
 def _all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group) -> torch.Tensor:
     """Autograd-aware uneven all-to-all (backward is the reverse all-to-all)."""
-    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
-
-    out = all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
-    return wait_tensor(out)
+    return all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
 
 
 @dataclass

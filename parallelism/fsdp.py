@@ -20,12 +20,13 @@ when experts are split over ep ranks, then the root.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from moe.layer import MoELayer
+from parallelism.mesh import Meshes
 
 __all__ = ["apply_fsdp"]
 
@@ -41,7 +42,7 @@ def _gloo(mesh) -> bool:
     return dist.get_backend(mesh.get_group(0)) == "gloo"
 
 
-def apply_fsdp(model: nn.Module, meshes: Any, param_dtype: Optional[torch.dtype] = None,
+def apply_fsdp(model: nn.Module, meshes: Meshes, param_dtype: Optional[torch.dtype] = None,
                reduce_dtype: torch.dtype = torch.float32, reshard_after_forward: bool = True,
                prefetch: Optional[bool] = None) -> nn.Module:
     """Shard ``model`` (a ``Transformer``: ``.layers`` ModuleDict of blocks) in place.

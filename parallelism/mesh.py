@@ -24,7 +24,12 @@ mixes a dense DTensor with an expert DTensor in one op except the gradient norm,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
+
+from parallelism.config import ParallelConfig
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = ["ParallelDims", "Meshes", "resolve_parallel", "validate_parallel", "build_mesh"]
 
@@ -48,10 +53,10 @@ class ParallelDims:
 @dataclass
 class Meshes:
     dims: ParallelDims
-    dense: Any = None  # FSDP mesh of the non-expert parameters; None at world size 1
-    expert_world: Any = None  # ("dp_replicate", "efsdp", "ep") when ep > 1
-    experts: Any = None  # FSDP mesh of the routed experts when ep > 1 (efsdp; HSDP: 2-D)
-    ep: Any = None  # 1-D mesh the experts are split over (None when ep == 1)
+    dense: Optional["DeviceMesh"] = None  # FSDP mesh of the non-expert parameters; None at world size 1
+    expert_world: Optional["DeviceMesh"] = None  # ("dp_replicate", "efsdp", "ep") when ep > 1
+    experts: Optional["DeviceMesh"] = None  # FSDP mesh of the routed experts when ep > 1 (efsdp; HSDP: 2-D)
+    ep: Optional["DeviceMesh"] = None  # 1-D mesh the experts are split over (None when ep == 1)
 
     @property
     def ep_enabled(self) -> bool:
@@ -67,18 +72,12 @@ class Meshes:
         return dist.group.WORLD
 
 
-def _get(cfg: Any, key: str, default: Any) -> Any:
-    return getattr(cfg, key, default) if not isinstance(cfg, dict) else cfg.get(key, default)
-
-
-def resolve_parallel(parallel_cfg: Any, world_size: int, n_experts: Optional[int] = None) -> ParallelDims:
+def resolve_parallel(parallel_cfg: ParallelConfig, world_size: int, n_experts: Optional[int] = None) -> ParallelDims:
     """Resolve ``dp_shard=-1`` and check every rule; raises ``ValueError`` naming the key and fix.
 
     Pure: call it before any process group or allocation (``n_experts`` None skips the expert rule).
     """
-    R = int(_get(parallel_cfg, "dp_replicate", 1))
-    S = int(_get(parallel_cfg, "dp_shard", -1))
-    ep = int(_get(parallel_cfg, "ep", 1))
+    R, S, ep = int(parallel_cfg.dp_replicate), int(parallel_cfg.dp_shard), int(parallel_cfg.ep)
     if world_size < 1:
         raise ValueError(f"world size {world_size} must be >= 1")
     if R < 1:
@@ -110,7 +109,7 @@ def resolve_parallel(parallel_cfg: Any, world_size: int, n_experts: Optional[int
 validate_parallel = resolve_parallel
 
 
-def build_mesh(parallel_cfg: Any, world_size: int, device_type: str,
+def build_mesh(parallel_cfg: ParallelConfig, world_size: int, device_type: str,
                n_experts: Optional[int] = None) -> Meshes:
     """Validate, then build the meshes (collective: every rank calls it, in the same order).
 

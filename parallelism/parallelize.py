@@ -21,18 +21,30 @@ from __future__ import annotations
 import functools
 
 import math
-from typing import Any, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
 
+from compat.torch_compat import foreach_mul_
+from parallelism.config import ParallelConfig
 from parallelism.mesh import Meshes, build_mesh
 
-__all__ = ["parallelize", "apply_activation_checkpointing", "AC_POLICIES", "compile_blocks", "clip_grad_norm",
-           "grad_norm"]
+__all__ = ["parallelize", "ParallelizeResult", "apply_activation_checkpointing", "AC_POLICIES", "compile_blocks",
+           "clip_grad_norm", "grad_norm"]
 
 
 AC_POLICIES = ("full", "selective")
+
+
+@dataclass(frozen=True)
+class ParallelizeResult:
+    """What :func:`parallelize` learned about the model, returned instead of attached to it."""
+
+    meshes: Meshes  # the count reducer reads ``meshes.dp_group``
+    blocks_compiled: bool = False  # train.step then compiles the loss too (one fused kernel on CUDA)
+    checkpointed_blocks: Tuple[int, ...] = ()  # indices of the blocks under activation checkpointing
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,7 +73,7 @@ def _selective_context():
     return create_selective_checkpoint_contexts(policy)
 
 
-def apply_activation_checkpointing(model: nn.Module, policy: str = "full", every: int = 1) -> None:
+def apply_activation_checkpointing(model: nn.Module, policy: str = "full", every: int = 1) -> Tuple[int, ...]:
     """Activation checkpointing per transformer block (``trainer.activation_checkpointing``).
 
     ``policy="full"`` recomputes the whole block in the backward; ``"selective"`` keeps the
@@ -72,7 +84,9 @@ def apply_activation_checkpointing(model: nn.Module, policy: str = "full", every
     The block's ``forward`` is replaced (on the instance) by one that runs it under non-reentrant
     ``torch.utils.checkpoint``: parameter names stay as they are (``checkpoint_wrapper`` would
     insert ``._checkpoint_wrapped_module``, which changes ``init_weights``' per-name seeds), FSDP's
-    module hooks stay outside the checkpointed region, and torch.compile traces it.
+    module hooks stay outside the checkpointed region, and torch.compile traces it. A block whose
+    instance already has its own ``forward`` is wrapped already and left alone (a second call
+    would checkpoint inside a checkpoint). Returns the indices of the blocks now checkpointed.
     """
     if policy not in AC_POLICIES:
         raise ValueError(f"trainer.ac_policy={policy!r} must be one of {AC_POLICIES}")
@@ -88,11 +102,14 @@ def apply_activation_checkpointing(model: nn.Module, policy: str = "full", every
 
         return run
 
+    done = []
     for i, block in enumerate(model.layers.values()):
-        if getattr(block, "_moeforge_ac", False) or i % every:
+        if i % every:
             continue
-        block.forward = checkpointed(block.forward)
-        block._moeforge_ac = True
+        if "forward" not in vars(block):  # the class's forward: not wrapped yet
+            block.forward = checkpointed(block.forward)
+        done.append(i)
+    return tuple(done)
 
 
 def compile_blocks(model: nn.Module) -> None:
@@ -103,8 +120,8 @@ def compile_blocks(model: nn.Module) -> None:
         cudnn_band.preload()  # cudnn-frontend's op, imported before dynamo traces the blocks
     for block in model.layers.values():
         block.compile()  # in place: parameter names (and so checkpoints) do not change
-    # train.step compiles the loss too (one fused log-softmax over bf16 logits, no fp32 copy).
-    model.blocks_compiled = True
+    # train.step compiles the loss too (one fused log-softmax over bf16 logits, no fp32 copy):
+    # parallelize says so in ParallelizeResult.blocks_compiled.
 
 
 def _n_experts(model: nn.Module) -> Optional[int]:
@@ -113,16 +130,18 @@ def _n_experts(model: nn.Module) -> Optional[int]:
     return getattr(moe, "n_experts", None) if moe is not None else None
 
 
-def parallelize(model: nn.Module, parallel_cfg: Any, ctx: Any, device_type: str,
+def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, ctx: Any, device_type: str,
                 param_dtype: Optional[torch.dtype] = None, activation_checkpointing: bool = False,
                 compile: bool = False, meshes: Optional[Meshes] = None,
-                reshard_after_forward: bool = True, ac_policy: str = "full", ac_every: int = 1) -> nn.Module:
-    """Apply EP -> AC -> compile -> FSDP to ``model`` in place and return it.
+                reshard_after_forward: bool = True, ac_policy: str = "full",
+                ac_every: int = 1) -> ParallelizeResult:
+    """Apply EP -> AC -> compile -> FSDP to ``model`` in place; return what was applied.
 
     ``ctx`` is the :class:`parallelism.process_group.DistContext` (only ``world_size`` is read).
     ``meshes`` may be passed when the caller built them (``build_mesh``); otherwise they are built
-    here (a collective). At world size 1 only AC and compile apply. The meshes are kept on
-    ``model.meshes`` for the count reducer and the gradient norm.
+    here (a collective). At world size 1 only AC and compile apply. The meshes, whether the blocks
+    were compiled and which blocks are checkpointed come back in the :class:`ParallelizeResult`
+    (nothing is attached to the model: its state dict and attributes are as they were).
     """
     world = int(getattr(ctx, "world_size", 1))
     if meshes is None:
@@ -131,16 +150,14 @@ def parallelize(model: nn.Module, parallel_cfg: Any, ctx: Any, device_type: str,
         from parallelism.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, meshes.ep)
-    if activation_checkpointing:
-        apply_activation_checkpointing(model, ac_policy, ac_every)
+    checkpointed = apply_activation_checkpointing(model, ac_policy, ac_every) if activation_checkpointing else ()
     if compile:
         compile_blocks(model)
     if world > 1:
         from parallelism.fsdp import apply_fsdp
 
         apply_fsdp(model, meshes, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)
-    model.meshes = meshes  # plain attribute, not a module or parameter: state dicts are unchanged
-    return model
+    return ParallelizeResult(meshes=meshes, blocks_compiled=compile, checkpointed_blocks=checkpointed)
 
 
 def grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0, foreach: Optional[bool] = None,
@@ -196,5 +213,5 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, norm_type: f
                 for g in grads:
                     g.mul_(coef.to(g.device))
             else:
-                torch._foreach_mul_(grads, coef.to(grads[0].device))
+                foreach_mul_(grads, coef.to(grads[0].device))
     return total

@@ -39,14 +39,6 @@ class DistContext:
     def distributed(self) -> bool:
         return self.world_size > 1
 
-    def any_flag(self, flag: bool) -> bool:
-        """True on every rank if any rank says True (one tiny all-reduce on the control group)."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
-        return bool(t.item())
-
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.control_group)

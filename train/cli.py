@@ -9,13 +9,13 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from health.exit_codes import ExitCode
 from moe.config import ConfigError
 from moeforge import config_dir
 from train.config import TrainConfig
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
-EXIT_CONFIG_ERROR = 2
 # Through the installed package (importlib.resources), never a path relative to this file: a wheel
 # ships the tree as moeforge's package data (moeforge/__init__.py).
 CONFIG_DIR = config_dir()
@@ -41,7 +41,7 @@ def _main(dcfg: DictConfig) -> None:
         code = run(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
-        code = EXIT_CONFIG_ERROR
+        code = ExitCode.CONFIG_ERROR
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -75,7 +75,7 @@ def main() -> None:
             raise
         if not isinstance(e, SystemExit):
             print(f"config error: {e}", file=sys.stderr)
-        _exit_now(EXIT_CONFIG_ERROR)
+        _exit_now(ExitCode.CONFIG_ERROR)
 
 
 def _is_config_error(argv: list) -> bool:

@@ -1,6 +1,6 @@
 """`run(cfg)`: one attempt of a training run, from a typed config to an exit code.
 
-Order (DESIGN.md, "One run"): validate → process group → run directory and logs → data → model
+Order (docs/ARCHITECTURE.md, "One run"): validate → process group → run directory and logs → data → model
 → optimizer → resume → loop → exit code. Nothing here uses the clock for names or paths.
 """
 
@@ -15,7 +15,7 @@ from moe.config import ConfigError
 from moeforge import alerts
 from parallelism.process_group import env_ranks, init_distributed, shutdown
 from train.config import TrainConfig
-from train.exit_codes import EXIT_CONFIG, EXIT_CRASH, EXIT_UNHEALTHY
+from health.exit_codes import ExitCode
 from train.run_dir import run_dir, run_name
 from train.validate import validate_train_config
 
@@ -56,14 +56,14 @@ def write_resolved_config(cfg: TrainConfig, directory: str) -> None:
 
     from train.metrics import redact_secrets
 
+    from checkpointing.atomic import atomic_write_text
+
     blob = redact_secrets(dataclasses.asdict(cfg))
-    with open(os.path.join(directory, "config.yaml.tmp"), "w") as f:
-        f.write(OmegaConf.to_yaml(OmegaConf.create(blob)))
-    os.replace(os.path.join(directory, "config.yaml.tmp"), os.path.join(directory, "config.yaml"))
+    atomic_write_text(os.path.join(directory, "config.yaml"), OmegaConf.to_yaml(OmegaConf.create(blob)))
 
 
 def _log_xla(runtime, xla_env: dict) -> None:
-    from train.neuron_env import extracting_graphs
+    from devices.neuron_env import extracting_graphs
 
     log.info("xla: %s", runtime.xla.versions())
     for setting in xla_env["set"]:
@@ -78,7 +78,7 @@ def _log_xla(runtime, xla_env: dict) -> None:
 
 
 def run(cfg: TrainConfig) -> int:
-    from train.cost import process_start_time
+    from cost.meter import process_start_time
 
     start_time = process_start_time()  # interpreter start and imports are billed too
     validate_train_config(cfg)  # before any process group or allocation
@@ -88,7 +88,7 @@ def run(cfg: TrainConfig) -> int:
     from health.runtime import HealthRuntime
     from parallelism.efa import apply_efa_env, versions_report
     from parallelism.process_group import apply_slurm_env
-    from train.build import resolve_runtime
+    from devices.runtime import resolve_runtime
 
     apply_slurm_env()  # srun without torchrun: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from Slurm
     directory = run_dir(cfg)
@@ -97,14 +97,14 @@ def run(cfg: TrainConfig) -> int:
     health = HealthRuntime(cfg.health, rank=rank, local_rank=local_rank, world_size=world, run_dir=directory)
     health.apply_early_env()  # NCCL flight recorder: must precede the process group
     efa = apply_efa_env()
-    from train.neuron_env import apply_xla_env, recommended_xla_env
+    from devices.neuron_env import apply_xla_env, recommended_xla_env
 
     # Neuron compiler/cache/runtime variables: read when torch_xla is imported, so before that.
     xla_env = apply_xla_env(recommended_xla_env(cfg.trainer.device, cfg.neuron, directory, local_rank))
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, local_rank)
     ctx = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, runtime.device_type)
     health.group = ctx.control_group
-    code, trainer = EXIT_CRASH, None
+    code, trainer = ExitCode.CRASH, None
     try:
         setup_logging(directory, ctx.rank)
         if ctx.is_main:
@@ -117,8 +117,8 @@ def run(cfg: TrainConfig) -> int:
         expected = cfg.health.expected_gpus or cfg.cluster.accelerators_per_node
         report = health.preflight(expected, cfg.cluster.instance_type) if runtime.device_type == "cuda" else None
         if report is not None and not report.healthy:
-            code = EXIT_UNHEALTHY
-            alerts.alert("unhealthy", f"preflight failed on this node: exit {code}, resubmit elsewhere", "ERROR")
+            code = ExitCode.UNHEALTHY
+            alerts.alert("unhealthy", f"preflight failed on this node: exit {int(code)}, resubmit elsewhere", "ERROR")
             return code
         from train.trainer import Trainer
 
@@ -126,13 +126,13 @@ def run(cfg: TrainConfig) -> int:
         code = trainer.run()
         return code
     except ConfigError:
-        code = EXIT_CONFIG
+        code = ExitCode.CONFIG_ERROR
         raise
     except Exception as e:
         log.exception("training crashed")
         if isinstance(e, CheckpointError):
             alerts.alert("save_failed", f"checkpoint save failed, the run stopped: {e}", "ERROR")
-        code = EXIT_CRASH
+        code = ExitCode.CRASH
         return code
     finally:
         alerts.shutdown(timeout_s=10.0)  # queued webhooks go out before the process leaves

@@ -1,6 +1,6 @@
 """The metric line, and the logger that sends the same numbers to console, JSONL, W&B and TB.
 
-The line (DESIGN.md "Metrics") is stable and regex-friendly; launchers and HyperPod's log
+The line (docs/ARCHITECTURE.md, "Contracts") is stable and regex-friendly; launchers and HyperPod's log
 monitoring match it, so fields keep their order and formats:
 
     step=120 loss=3.4512 lr=3.00e-04 tok/s=18234 tok/s/gpu=9117 mfu=41.2% mem=12.3GiB \

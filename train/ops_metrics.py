@@ -15,9 +15,9 @@ import os
 import time
 from typing import Any, Dict, Optional
 
-from health.flags import EXIT_BUDGET, EXIT_PREEMPTED, EXIT_UNHEALTHY
+from health.exit_codes import ExitCode
 
-FLAG_KINDS = {EXIT_PREEMPTED: "preempted", EXIT_UNHEALTHY: "unhealthy", EXIT_BUDGET: "budget"}
+FLAG_KINDS = {ExitCode.PREEMPTED: "preempted", ExitCode.UNHEALTHY: "unhealthy", ExitCode.BUDGET_EXHAUSTED: "budget"}
 
 
 def _marker_mtime(step_dir: str) -> Optional[float]:

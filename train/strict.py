@@ -326,7 +326,7 @@ def scheme_errors(cfg: Any) -> List[str]:
     errors = []
     present, port = _get(cfg, "logging.prometheus.port")
     if present and port in RESERVED_PORTS:
-        errors.append(f"logging.prometheus.port={port} is taken: {RESERVED_PORTS[port]}; pick another, e.g. 9400")
+        errors.append(f"logging.prometheus.port={port} is taken: {RESERVED_PORTS[port]}; pick another, e.g. 9464 (9400 is the DCGM exporter's)")
     for key, allowed in PATH_KEYS.items():
         present, value = _get(cfg, key)
         if present:

@@ -11,18 +11,19 @@ import torch
 from model.flops import flops_per_token, matmul_params, total_params
 from model.transformer import Transformer
 from moe.balance import routing_stats
-from train.build import Runtime
+from devices.runtime import Runtime
 from train.config import TrainConfig
+from health.exit_codes import ExitCode
 from moeforge.alerts import alert
-from train.exit_codes import EXIT_BUDGET, EXIT_CRASH, EXIT_OK, EXIT_PREEMPTED, EXIT_UNHEALTHY
-from train.optim import build_optimizer, lr_at, set_lr
+from train.engine import build_engine
+from train.optim import lr_at, set_lr
 from train.run_dir import config_hash
-from train.step import evaluate, train_step
+from train.step import StepInputs, evaluate
 from train.validate import resolved_micro_batch
 
 log = logging.getLogger("moeforge")
 
-STOP_ALERTS = {EXIT_PREEMPTED: "preemption", EXIT_UNHEALTHY: "unhealthy"}  # budget: cost.alert_* levels
+STOP_ALERTS = {ExitCode.PREEMPTED: "preemption", ExitCode.UNHEALTHY: "unhealthy"}  # budget: cost.alert_* levels
 FIRST_STEP_GRACE_S = 900.0  # compile and first-touch allocations: the hang watchdog waits longer
 
 
@@ -44,35 +45,19 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
         from checkpointing.manager import CheckpointManager
-        from parallelism.expert_parallel import make_count_reducer
-        from parallelism.parallelize import parallelize
         from train.data import build_datasets
-        from train.goodput import RunAccounting
+        from cost.goodput import RunAccounting
 
         cfg, t = self.cfg, self.cfg.trainer
         self.train_ds, self.val_ds, self.data_info = build_datasets(cfg.data, cfg.model.vocab_size, None)
-        # Meta device first: parallelize (EP -> activation checkpointing -> compile -> FSDP) shards
-        # nothing but metadata, then init_weights materialises each rank's shards from the seed.
+        # Meta device first: the engine parallelises (FSDP2: EP -> activation checkpointing ->
+        # compile -> FSDP) shards nothing but metadata, then materialises each rank's shards from the seed.
         with torch.device("meta"):
             self.model = Transformer(cfg.model)
         self.micro = resolved_micro_batch(cfg, self.ctx.world_size)
         self.n_micro = t.global_batch_size // (self.ctx.world_size * self.micro)
-        self.engine, self.step_fn = None, train_step  # engine: DeepSpeed's (parallel.engine=deepspeed)
-        if cfg.parallel.engine == "deepspeed":
-            self._build_deepspeed()
-        else:
-            fsdp_bf16 = self.ctx.world_size > 1 and self.runtime.amp_dtype is not None
-            parallelize(self.model, cfg.parallel, self.ctx, self.runtime.device_type,
-                        param_dtype=self.runtime.amp_dtype if fsdp_bf16 else None,
-                        activation_checkpointing=t.activation_checkpointing, compile=t.compile,
-                        ac_policy=t.ac_policy, ac_every=t.ac_every)
-            self.model.init_weights(t.seed, device=self.runtime.init_device)
-            if self.runtime.init_device != self.runtime.device:
-                self.model.to(self.runtime.device)  # XLA: initialised on CPU, then moved (train/xla.py)
-            self.optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
-            meshes = getattr(self.model, "meshes", None)
-            self.reduce_counts = (make_count_reducer(meshes.dp_group) if meshes is not None and self.ctx.distributed
-                                  else None)
+        self.engine = build_engine(self.model, cfg, self.ctx, self.runtime, self.micro, self.n_micro)
+        self.model, self.optimizer = self.engine.model, self.engine.optimizer
         # When this rank reaches the model (and so FSDP's first all-gather) in a step: the straggler
         # detector's measure of how late it arrives (prepend: before FSDP's own pre-forward hook).
         self._fwd_enter = None
@@ -80,7 +65,7 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint, self._ckpt_base(), self.run_name, rank=self.ctx.rank,
                                       world_size=self.ctx.world_size, process_group=self.ctx.control_group)
         from health.imds import ImdsClient
-        from train.pricing import resolve_cluster
+        from cost.pricing import resolve_cluster
 
         # On EC2, IMDS names the instance type and spot/on-demand, which pick the catalog price.
         imds = ImdsClient(cfg.health.imds_endpoint, timeout_s=cfg.health.imds_timeout_s)
@@ -89,41 +74,12 @@ class Trainer:
         self.cost = self.acct.meter
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
 
-    def _build_deepspeed(self) -> None:
-        """ZeRO around our model and optimizer: the full model is materialised from the seed on every
-        rank (as FSDP2's would be), then DeepSpeed partitions it (docs/backends.md)."""
-        from parallelism.deepspeed_engine import deepspeed_config, initialize
-        from parallelism.expert_parallel import make_count_reducer
-        from parallelism.parallelize import apply_activation_checkpointing
-        from train.deepspeed_step import deepspeed_train_step
-
-        cfg, t = self.cfg, self.cfg.trainer
-        if t.activation_checkpointing:
-            apply_activation_checkpointing(self.model, t.ac_policy, t.ac_every)
-        self.model.init_weights(t.seed, device=self.runtime.device)
-        optimizer = build_optimizer(self.model, cfg.optim, self.runtime.device_type)
-        config = deepspeed_config(cfg.parallel.deepspeed, global_batch_size=t.global_batch_size,
-                                  micro_batch_size=self.micro, grad_accum=self.n_micro, grad_clip=t.grad_clip,
-                                  bf16=self.runtime.amp_dtype == torch.bfloat16)
-        self.engine, self.optimizer = initialize(self.model, optimizer, config, self.runtime.device_type,
-                                                 cfg.parallel.backend, self.ctx.local_rank)
-        self.model = self.engine.module  # hooks, routing stats, evaluation: our Transformer
-        self.step_fn = deepspeed_train_step
-        # Every rank is data-parallel: expert-load counts are summed over the whole world.
-        self.reduce_counts = make_count_reducer(None) if self.ctx.distributed else None
-
     def _ckpt_base(self) -> str:
         # <checkpoint.root>/<run_name>/step_N; root defaults to the parent of the run directory.
         return self.cfg.checkpoint.root or os.path.dirname(os.path.abspath(self.run_dir))
 
     def _state(self):
-        if self.engine is not None:  # DeepSpeed's own files, inside our step directory
-            from checkpointing.engine_state import DeepSpeedState
-
-            return DeepSpeedState(self.engine, self.ctx.rank, self.ctx.world_size)
-        from checkpointing.state import AppState
-
-        return {"app": AppState(self.model, self.optimizer)}
+        return self.engine.checkpoint_state()
 
     def _trainer_state(self) -> dict:
         return {
@@ -175,7 +131,7 @@ class Trainer:
         """Close this attempt's accounting: called last, after the process group is gone, so the
         paid time covers the whole attempt (every exit path, crashes included)."""
         if hasattr(self, "acct"):
-            log.info(self.acct.finish(code, self.exit_reason if code != EXIT_CRASH else "crash"))
+            log.info(self.acct.finish(code, self.exit_reason if code != ExitCode.CRASH else "crash"))
 
     def _run(self) -> tuple[int, str]:
         from train.metrics import MetricsLogger
@@ -190,11 +146,11 @@ class Trainer:
             log.info("run %s is already complete at step %d (trainer.max_steps=%d); outputs in %s. "
                      "Raise trainer.max_steps to train further.", self.run_name, self.step, t.max_steps,
                      self.run_dir)
-            return EXIT_OK, "already complete"
+            return ExitCode.OK, "already complete"
         refusal = self.acct.refuse_start()
         if refusal:
             log.warning(refusal)
-            return EXIT_BUDGET, "budget already spent"
+            return ExitCode.BUDGET_EXHAUSTED, "budget already spent"
         self._announce()
         self.hr.start()  # signals, spot watcher, GPU monitor, hang watchdog (after the slow setup)
         try:
@@ -204,7 +160,7 @@ class Trainer:
 
     def _loop(self) -> tuple[int, str]:
         from train.data import rank_micro_batches, validation_batches
-        from train.goodput import next_save_step
+        from cost.goodput import next_save_step
 
         cfg, t = self.cfg, self.cfg.trainer
         # eval_batches x global_batch_size sequences, the same fixed set at every world size; each
@@ -223,11 +179,10 @@ class Trainer:
             self._fwd_enter = None
             _inject_delay(cfg.health, self.ctx.rank, self.step + 1)
             with self.hr.grace(FIRST_STEP_GRACE_S if first else 0.0):
-                result = self.step_fn(self.model if self.engine is None else self.engine, self.optimizer,
-                                      iter(batches), self.n_micro, self.runtime,
-                                      t.grad_clip, cfg.model.moe.bias_update_rate, self.reduce_counts,
-                                      before_optimizer_step=self.ckpt.wait, guard=self.hr.nan_guard.check,
-                                      poison=(self.step + 1) in inject)
+                result = self.engine.step(StepInputs(iter(batches), self.n_micro,
+                                                     before_optimizer_step=self.ckpt.wait,
+                                                     guard=self.hr.nan_guard.check,
+                                                     poison=(self.step + 1) in inject))
             first = False
             step_s = time.perf_counter() - t_step
             if result.verdict == "rollback":
@@ -240,7 +195,7 @@ class Trainer:
                 log.error("non-finite loss or gradients at step %d, %d times in a row (health.nan_max_skips="
                           "%d; %s): stopping without a checkpoint", self.step + 1, g.consecutive,
                           cfg.health.nan_max_skips, why)
-                return EXIT_CRASH, "non-finite training state"
+                return ExitCode.CRASH, "non-finite training state"
             if result.verdict == "skip":
                 log.warning("step %d: non-finite loss or gradient norm, update skipped (%d in a row, at most "
                             "health.nan_max_skips=%d)", self.step + 1, self.hr.nan_guard.consecutive,
@@ -255,33 +210,34 @@ class Trainer:
             val_loss, early = None, None
             if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                 t_eval = time.perf_counter()
-                val_loss = evaluate(self.model, val_batches, self.runtime, self.ctx.distributed)
+                val_loss = evaluate(self.model, val_batches, self.runtime, self.ctx.distributed,
+                                    compiled_loss=self.engine.compiled_loss)
                 early = self._early_stop(val_loss)
                 window["t0"] += time.perf_counter() - t_eval  # evaluation is not training throughput
                 self.acct.on_eval(time.perf_counter() - t_eval)
             budget = self.acct.check_budget(self.step, next_save_step(self.step, cfg.checkpoint.every_steps,
                                                                       t.max_steps))
             if budget:
-                self.hr.flags.request(EXIT_BUDGET, budget)
+                self.hr.flags.request(ExitCode.BUDGET_EXHAUSTED, budget)
             # Every rank, every step: one small all-reduce decides together whether to stop.
             stop = self.hr.at_boundary(self.step)
             if stop is not None and stop.code in STOP_ALERTS:  # the agreed stop: rank 0 alerts once
                 alert(STOP_ALERTS[stop.code], f"step {self.step}: {stop.reason} (exit {stop.code})",
-                      "ERROR" if stop.code == EXIT_UNHEALTHY else "WARN")
+                      "ERROR" if stop.code == ExitCode.UNHEALTHY else "WARN")
             if self.step % t.log_every == 0 or self.step == t.max_steps or val_loss is not None or stop:
                 self._log(result, val_loss, window, tokens_per_step)
                 window = {"t0": time.perf_counter(), "steps": 0, "data_wait": 0.0}
             done = self.step >= t.max_steps or early is not None
-            code, reason = (stop.code, stop.reason) if stop else (EXIT_OK, early or "done")
+            code, reason = (stop.code, stop.reason) if stop else (ExitCode.OK, early or "done")
             final = done or stop is not None
             if final:
                 self.acct.mark_exit(code, reason)
             due = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
             if due or (final and (cfg.checkpoint.save_final or stop is not None)):
                 committed = self._save(emergency=stop)
-                if stop is not None and not committed and code == EXIT_PREEMPTED:
+                if stop is not None and not committed and code == ExitCode.PREEMPTED:
                     # 75 promises a committed checkpoint; without one, say crash (bounded retries).
-                    code, reason = EXIT_CRASH, reason + " (the emergency checkpoint was not committed)"
+                    code, reason = ExitCode.CRASH, reason + " (the emergency checkpoint was not committed)"
             if self.step % t.log_every == 0:
                 warning = self.acct.projection_warning(self.step, t.max_steps, tokens_per_step,
                                                        self.samples * t.seq_len)
@@ -293,7 +249,7 @@ class Trainer:
                 log.info("done: step %d, %d tokens, spent $%.4f; run directory %s", self.step,
                          self.samples * t.seq_len, self.cost.spent_usd(), self.run_dir)
                 return code, reason
-        return EXIT_OK, "done"
+        return ExitCode.OK, "done"
 
     def _mark_forward(self, module, args) -> None:
         if self._fwd_enter is None:
@@ -370,7 +326,7 @@ class Trainer:
         log.info("run directory: %s (metrics.jsonl, config.yaml, rank*.log, step_* checkpoints)", self.run_dir)
 
     def _log(self, result, val_loss, window, tokens_per_step) -> None:
-        from train.throughput import throughput
+        from cost.throughput import throughput
 
         cfg, t = self.cfg, self.cfg.trainer
         elapsed, steps = time.perf_counter() - window["t0"], window["steps"]
@@ -381,7 +337,8 @@ class Trainer:
         tp = throughput(tokens=steps * tokens_per_step, seconds=elapsed, n_devices=self.ctx.world_size,
                         flops_per_token=self.flops_per_token, device=self.runtime.device,
                         peak_override_tflops=cfg.cluster.peak_tflops_override,
-                        peak_flops=self.runtime.peak_flops(cfg.cluster),  # None: from the device
+                        # None: looked up from the device
+                        peak_flops=self.runtime.peak_flops(cfg.cluster.accelerator, cfg.cluster.peak_tflops_override),
                         remaining_steps=t.max_steps - self.step, seconds_per_step=elapsed / max(1, steps))
         m = {"step": self.step, "loss": loss_t.item(), "lr": self._lr(self.step - 1), **tp,
              "mem_gib": _memory_gib(self.runtime), "data_wait": window["data_wait"] / max(elapsed, 1e-9),

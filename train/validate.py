@@ -16,8 +16,6 @@ from train.data.config import validate_data_config
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda", "neuron", "xla")
-ASYNC_MODES = ("off", "thread", "process")
-ENGINES = ("fsdp2", "deepspeed")
 
 
 def _fail(msg: str) -> None:
@@ -69,7 +67,7 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(f"trainer.precision={t.precision!r} must be one of {PRECISIONS}")
     if t.device not in DEVICES:
         _fail(f"trainer.device={t.device!r} must be one of {DEVICES}")
-    from train.neuron_env import xla_config_errors
+    from devices.neuron_env import xla_config_errors
 
     for error in xla_config_errors(cfg, world_size):  # trainer.device=neuron|xla only
         _fail(error)
@@ -96,46 +94,22 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(f"optim.decay_fraction={o.decay_fraction} must be within (0, 1]")
     if o.fused not in ("auto", "true", "false"):
         _fail(f"optim.fused={o.fused!r} must be auto, true or false")
-    from checkpointing.manager import validate_checkpoint_config
+    from checkpointing.validate import checkpoint_run_errors, validate_checkpoint_config
     from health.validate import health_errors
 
     validate_checkpoint_config(c)
-    for error in health_errors(cfg.health):
+    for error in health_errors(cfg.health) + checkpoint_run_errors(c):
         _fail(error)
-    if c.every_steps < 0:
-        _fail(f"checkpoint.every_steps={c.every_steps} must be >= 0 (0 = only the final save)")
-    if c.keep_last < 1:
-        _fail(f"checkpoint.keep_last={c.keep_last} must be >= 1 (the newest commit is always kept)")
-    if c.keep_every < 0:
-        _fail(f"checkpoint.keep_every={c.keep_every} must be >= 0")
-    if c.async_mode not in ASYNC_MODES:
-        _fail(f"checkpoint.async_mode={c.async_mode!r} must be one of {ASYNC_MODES}")
-    if not c.resume:
-        _fail("checkpoint.resume is empty: use auto, none or a checkpoint path")
-    from train.cost import validate_cost_config
+    from cost.validate import validate_cluster_config, validate_cost_config
 
-    for error in validate_cost_config(cfg.cost):
+    for error in validate_cost_config(cfg.cost) + validate_cluster_config(cfg.cluster):
         _fail(error)
-    if cfg.cluster.nodes < 1:
-        _fail(f"cluster.nodes={cfg.cluster.nodes} must be >= 1")
-    if p.timeout_s <= 0:
-        _fail(f"parallel.timeout_s={p.timeout_s} must be > 0")
-    if p.engine not in ENGINES:
-        _fail(f"parallel.engine={p.engine!r} must be one of {ENGINES}")
+    from parallelism.validate import parallel_errors
+
+    for error in parallel_errors(p, world_size, cfg.model.moe.n_experts):
+        _fail(error)
     if p.engine == "deepspeed":
         _validate_deepspeed(cfg, world_size)
-    if p.backend not in ("auto", "nccl", "gloo"):
-        _fail(f"parallel.backend={p.backend!r} must be auto, nccl or gloo")
-    if p.dp_replicate < 1:
-        _fail(f"parallel.dp_replicate={p.dp_replicate} must be >= 1")
-    shard = p.dp_shard if p.dp_shard > 0 else world_size // p.dp_replicate
-    if p.dp_replicate * shard != world_size:
-        _fail(f"parallel.dp_replicate={p.dp_replicate} x parallel.dp_shard={p.dp_shard} must equal the "
-              f"world size ({world_size}); set parallel.dp_shard=-1 to use every remaining rank")
-    if p.ep < 1 or shard % p.ep != 0:
-        _fail(f"parallel.ep={p.ep} must divide parallel.dp_shard={shard}")
-    if p.ep > 1 and (cfg.model.moe.n_experts == 0 or cfg.model.moe.n_experts % p.ep != 0):
-        _fail(f"parallel.ep={p.ep} must divide model.moe.n_experts={cfg.model.moe.n_experts}")
 
 
 def _validate_deepspeed(cfg: TrainConfig, world_size: int) -> None:

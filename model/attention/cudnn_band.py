@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from model.torch_compat import cuda_capability
+from compat.torch_compat import cuda_capability
 
 _INSTALL_HINT = "pip install 'nvidia-cudnn-frontend>=1.32' (moeforge's 'cudnn' extra)"
 _op_state: Optional[str] = None  # "" when the op loaded; otherwise why it did not

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from model.attention import cudnn_band
-from model.torch_compat import cuda_capability
+from compat.torch_compat import cuda_capability
 
 BACKENDS = ("auto", "sdpa", "flex", "varlen", "cudnn", "eager")
 

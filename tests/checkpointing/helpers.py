@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Dict
 
 import torch
 from torch import nn
 
-from checkpointing import ModelState, OptimState
+from checkpointing import AppState
+from checkpointing.config import CheckpointConfig
 
 
-@dataclass
-class Cfg:
-    """Duck-typed like train.config.CheckpointConfig (checkpointing never imports train)."""
-
-    root: str = ""
-    every_steps: int = 50
-    keep_last: int = 0
-    keep_every: int = 0
-    resume: str = "auto"
-    async_mode: str = "off"
-    staging: str = "host"
-    save_final: bool = True
-    storage_options: Dict[str, Any] = field(default_factory=dict)
-    on_save_error: str = "stop"
-    upload_root: str = ""
+def Cfg(**overrides: Any) -> CheckpointConfig:
+    """The ``checkpoint`` section with keep_last=0 (keep everything) unless a test says otherwise."""
+    return CheckpointConfig(**{"keep_last": 0, **overrides})
 
 
 class Tiny(nn.Module):
@@ -57,8 +45,7 @@ def train_steps(model, opt, n: int, seed: int = 1) -> None:
 
 
 def state_of(model, opt) -> Dict[str, Any]:
-    return {"model": ModelState(model), "optim": OptimState(model, opt),
-            "extra": {"rng": torch.get_rng_state()}}
+    return {"app": AppState(model, opt), "extra": {"rng": torch.get_rng_state()}}
 
 
 def assert_same(model_a, opt_a, model_b, opt_b) -> None:

@@ -1,20 +1,19 @@
 """checkpoint.staging=device: the save returns after a snapshot; parameters changed right after the
 call do not leak into the checkpoint, which commits and loads back the values at save time."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
+from checkpointing.config import CheckpointConfig
 from checkpointing.errors import ConfigError
 from checkpointing.manager import CheckpointManager, validate_checkpoint_config
 from checkpointing.state import AppState
 
 
 def _cfg(root, async_mode="thread", staging="device"):
-    return SimpleNamespace(root=str(root), every_steps=1, keep_last=2, keep_every=0, resume="auto",
-                           async_mode=async_mode, staging=staging, save_final=True, storage_options={},
-                           on_save_error="stop", upload_root="")
+    return CheckpointConfig(root=str(root), every_steps=1, keep_last=2, keep_every=0, resume="auto",
+                            async_mode=async_mode, staging=staging, save_final=True, storage_options={},
+                            on_save_error="stop", upload_root="")
 
 
 def _model_opt():

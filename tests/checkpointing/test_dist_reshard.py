@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from checkpointing import CheckpointManager, ModelState, OptimState
+from checkpointing import AppState, CheckpointManager
 from tests.checkpointing.helpers import Cfg, Tiny, make, train_steps
 
 WORLD = 2
 
 
 def _state(model, opt):
-    return {"model": ModelState(model), "optim": OptimState(model, opt)}
+    return {"app": AppState(model, opt)}
 
 
 def _full(model, opt):

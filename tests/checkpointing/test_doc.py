@@ -20,7 +20,7 @@ def _commands():
 
 
 def test_every_checkpoint_key_is_documented():
-    from train.config import CheckpointConfig
+    from checkpointing.config import CheckpointConfig
 
     for f in dataclasses.fields(CheckpointConfig):
         assert f"checkpoint.{f.name}" in DOC or f"  {f.name}:" in DOC, \

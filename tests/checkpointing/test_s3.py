@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from checkpointing import CheckpointError, CheckpointManager, layout
-from checkpointing.state import ModelState
+from checkpointing.state import AppState
 from checkpointing.storage import Storage, fsspec_options, is_transient, retry
 from tests.checkpointing.helpers import Cfg, assert_same, make, state_of, train_steps
 
@@ -91,12 +91,12 @@ def test_s3_thread_async_round_trip(s3):
     assert_same(model, opt, model2, opt2)
 
 
-class _StopServerWhenRead(ModelState):
+class _StopServerWhenRead(AppState):
     """Stops the S3 server while the save is under way: after the step directory was prepared,
     before DCP writes a byte."""
 
-    def __init__(self, model, server):
-        super().__init__(model)
+    def __init__(self, model, opt, server):
+        super().__init__(model, opt)
         self.server = server
 
     def state_dict(self):
@@ -111,7 +111,7 @@ def test_s3_outage_during_save_leaves_no_marker_and_next_save_succeeds(s3, caplo
     train_steps(model, opt, 1)
     assert mgr.save(1, state_of(model, opt)).committed
     train_steps(model, opt, 1)
-    state = {**state_of(model, opt), "model": _StopServerWhenRead(model, s3)}
+    state = {**state_of(model, opt), "app": _StopServerWhenRead(model, opt, s3)}
     with caplog.at_level(logging.ERROR):
         if policy == "stop":
             with pytest.raises(CheckpointError, match="step_000000002"):
@@ -148,7 +148,7 @@ def test_s3_outage_during_async_write_fails_that_save_only(s3, caplog):
     mgr = _mgr(s3, async_mode="thread", on_save_error="continue")
     mgr.save(1, state_of(model, opt))
     assert mgr.wait_committed().committed
-    state = {**state_of(model, opt), "model": _StopServerWhenRead(model, s3)}
+    state = {**state_of(model, opt), "app": _StopServerWhenRead(model, opt, s3)}
     started = mgr.save(2, state)  # staged to host memory; the write fails in the background
     assert not started.committed and started.error is None
     with caplog.at_level(logging.ERROR):

@@ -26,20 +26,27 @@ def tiny_cfg(moe_override=None):
 
 
 def par(dp_replicate=1, dp_shard=-1, ep=1):
-    return SimpleNamespace(dp_replicate=dp_replicate, dp_shard=dp_shard, ep=ep, backend="gloo", timeout_s=60)
+    from parallelism.config import ParallelConfig
+
+    return ParallelConfig(dp_replicate=dp_replicate, dp_shard=dp_shard, ep=ep, backend="gloo", timeout_s=60)
 
 
 def build(parallel_cfg=None, world=1, seed=SEED, moe_override=None, **kw):
     """Meta build -> parallelize -> init_weights: the order the trainer uses."""
+    return build_parallel(parallel_cfg, world, seed, moe_override, **kw)[0]
+
+
+def build_parallel(parallel_cfg=None, world=1, seed=SEED, moe_override=None, **kw):
+    """``build``, also returning parallelize's ParallelizeResult (the meshes)."""
     from model.transformer import Transformer
     from parallelism.parallelize import parallelize
 
     cfg = tiny_cfg(moe_override)
     with torch.device("meta"):
         model = Transformer(cfg)
-    parallelize(model, parallel_cfg or par(), SimpleNamespace(world_size=world), "cpu", **kw)
+    result = parallelize(model, parallel_cfg or par(), SimpleNamespace(world_size=world), "cpu", **kw)
     model.init_weights(seed, device="cpu")
-    return model
+    return model, result
 
 
 def optimizer(model):

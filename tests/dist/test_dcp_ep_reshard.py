@@ -5,7 +5,7 @@ load continues training exactly like the 4-rank run would."""
 import pytest
 import torch
 
-from tests.dist.common import GLOBAL_BATCH, batch, build, full_params, optimizer, par, train_step
+from tests.dist.common import GLOBAL_BATCH, batch, build, build_parallel, full_params, optimizer, par, train_step
 from tests.dist.harness import run_ranks
 
 STEPS = 2
@@ -20,10 +20,10 @@ def _full_optim(model, opt):
     return copy.deepcopy(sd["state"])
 
 
-def _train(model, opt, rank, world, steps, first=0):
+def _train(model, meshes, opt, rank, world, steps, first=0):
     from parallelism.expert_parallel import make_count_reducer
 
-    reducer = make_count_reducer(model.meshes.dp_group) if world > 1 else None
+    reducer = make_count_reducer(meshes.dp_group) if world > 1 else None
     per = GLOBAL_BATCH // world
     for s in range(first, first + steps):
         inputs, targets = batch(s)
@@ -36,12 +36,12 @@ def _save_worker(rank, world, ckpt_dir, ref_file):
 
     from checkpointing.state import AppState
 
-    model = build(par(dp_shard=4, ep=2), world)
+    model, parallel = build_parallel(par(dp_shard=4, ep=2), world)
     opt = optimizer(model)
-    _train(model, opt, rank, world, STEPS)
+    _train(model, parallel.meshes, opt, rank, world, STEPS)
     dcp.save({"app": AppState(model, opt)}, checkpoint_id=ckpt_dir)
     ref = {"params": full_params(model), "optim": _full_optim(model, opt)}
-    _train(model, opt, rank, world, 1, first=STEPS)  # the step after the checkpoint
+    _train(model, parallel.meshes, opt, rank, world, 1, first=STEPS)  # the step after the checkpoint
     ref["next"] = full_params(model)
     if rank == 0:
         torch.save(ref, ref_file)
@@ -65,11 +65,11 @@ def _load_worker(rank, world, ckpt_dir, ref_file):
     from checkpointing.state import AppState
 
     ref = torch.load(ref_file, weights_only=False)
-    model = build(par(dp_shard=2, ep=2), world, seed=99)  # other init: the load must overwrite all
+    model, parallel = build_parallel(par(dp_shard=2, ep=2), world, seed=99)  # other init: the load must overwrite all
     opt = optimizer(model)
     dcp.load({"app": AppState(model, opt)}, checkpoint_id=ckpt_dir)
     _assert_state(model, opt, ref)
-    _train(model, opt, rank, world, 1, first=STEPS)
+    _train(model, parallel.meshes, opt, rank, world, 1, first=STEPS)
     got = full_params(model)
     for n, t in ref["next"].items():
         torch.testing.assert_close(got[n], t, rtol=1e-4, atol=1e-4, msg=lambda m: f"{n}: {m}")

@@ -159,7 +159,7 @@ def typed(*overrides: str):
     (["parallel=deepspeed", "checkpoint.root=s3://bucket/ckpt"], 1, "checkpoint.root=s3://bucket/ckpt is not a local"),
     (["parallel=deepspeed", "checkpoint.upload_root=s3://bucket/ckpt"], 1, "set checkpoint.upload_root=''"),
     (["parallel=deepspeed", "trainer.compile=true"], 1, "set trainer.compile=false"),
-    (["parallel=deepspeed", "trainer.device=xla"], 1, "parallel.engine=fsdp2"),  # train/neuron_env.py says it first
+    (["parallel=deepspeed", "trainer.device=xla"], 1, "parallel.engine=fsdp2"),  # devices/neuron_env.py says it first
     (["parallel=deepspeed", "+parallel.deepspeed.extra.gradient_clipping=0.5"], 1,
      "parallel.deepspeed.extra sets gradient_clipping, which moeforge sets from trainer.grad_clip"),
     (["parallel=deepspeed", "+parallel.deepspeed.extra.zero_optimization={stage: 3}"], 1,

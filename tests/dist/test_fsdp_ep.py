@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from tests.dist.common import GLOBAL_BATCH, batch, build, full_params, optimizer, par, reference_run, train_step
+from tests.dist.common import (GLOBAL_BATCH, batch, build, build_parallel, full_params, optimizer, par, reference_run,
+                               train_step)
 from tests.dist.harness import run_ranks
 
 STEPS = 3
@@ -19,8 +20,8 @@ def _run_layout(rank, world, pcfg, ref, **kw):
 
     ref_losses, ref_norms, ref_params = ref
     bf16 = kw.get("param_dtype") == torch.bfloat16
-    model = build(pcfg, world, **kw)
-    meshes = model.meshes
+    model, parallel = build_parallel(pcfg, world, **kw)
+    meshes = parallel.meshes
     if kw.get("moe_override"):
         from torch.distributed.tensor import Shard
 

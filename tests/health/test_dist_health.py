@@ -21,7 +21,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch.distributed as dist
 
-    from health.flags import EXIT_PREEMPTED, EXIT_UNHEALTHY, StopFlags, agree_stop
+    from health.exit_codes import ExitCode
+
+    from health.flags import StopFlags, agree_stop
     from health.straggler import StragglerDetector, gather_hosts, gather_step_times
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
@@ -41,9 +43,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         # Step-boundary agreement: one rank preempted, another unhealthy; everyone agrees on 76.
         flags = StopFlags()
         if rank == 1:
-            flags.request(EXIT_PREEMPTED, "SIGTERM")
+            flags.request(ExitCode.PREEMPTED, "SIGTERM")
         if rank == 2:
-            flags.request(EXIT_UNHEALTHY, "xid 79")
+            flags.request(ExitCode.UNHEALTHY, "xid 79")
         decided = agree_stop(flags)
         none_yet = agree_stop(StopFlags())
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 
 
-from health.flags import EXIT_BUDGET, EXIT_PREEMPTED, EXIT_UNHEALTHY, StopFlags, priority
+from health.exit_codes import ExitCode
+
+
+from health.flags import StopFlags, priority
 from health.signals import install_signal_handlers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,32 +27,32 @@ def test_no_request_is_none():
 
 def test_priority_unhealthy_over_budget_over_preempted():
     f = StopFlags()
-    f.request(EXIT_PREEMPTED, "spot")
-    assert f.pending().code == EXIT_PREEMPTED
-    f.request(EXIT_BUDGET, "budget")
-    assert f.pending().code == EXIT_BUDGET
-    f.request(EXIT_UNHEALTHY, "ecc")
-    f.request(EXIT_PREEMPTED, "sigterm")
+    f.request(ExitCode.PREEMPTED, "spot")
+    assert f.pending().code == ExitCode.PREEMPTED
+    f.request(ExitCode.BUDGET_EXHAUSTED, "budget")
+    assert f.pending().code == ExitCode.BUDGET_EXHAUSTED
+    f.request(ExitCode.UNHEALTHY, "ecc")
+    f.request(ExitCode.PREEMPTED, "sigterm")
     code, reason, t_notice = f.pending()  # unpacks as (code, reason, t_notice)
-    assert (code, reason) == (EXIT_UNHEALTHY, "ecc")
+    assert (code, reason) == (ExitCode.UNHEALTHY, "ecc")
     assert abs(t_notice - time.time()) < 5
-    assert priority(EXIT_UNHEALTHY) > priority(EXIT_BUDGET) > priority(EXIT_PREEMPTED) > priority(0)
+    assert priority(ExitCode.UNHEALTHY) > priority(ExitCode.BUDGET_EXHAUSTED) > priority(ExitCode.PREEMPTED) > priority(0)
 
 
 def test_earliest_wins_among_equals_and_notice_time_kept():
     f = StopFlags()
-    f.request(EXIT_PREEMPTED, "first", t_notice=100.0)
-    f.request(EXIT_PREEMPTED, "second", t_notice=200.0)
-    assert f.pending() == (EXIT_PREEMPTED, "first", 100.0)
+    f.request(ExitCode.PREEMPTED, "first", t_notice=100.0)
+    f.request(ExitCode.PREEMPTED, "second", t_notice=200.0)
+    assert f.pending() == (ExitCode.PREEMPTED, "first", 100.0)
 
 
 def test_bounded_and_high_priority_still_lands():
     f = StopFlags()
     for i in range(1000):
-        f.request(EXIT_PREEMPTED, f"r{i}")
-    f.request(EXIT_UNHEALTHY, "late but important")
+        f.request(ExitCode.PREEMPTED, f"r{i}")
+    f.request(ExitCode.UNHEALTHY, "late but important")
     assert len(f.all()) <= 257
-    assert f.pending().code == EXIT_UNHEALTHY
+    assert f.pending().code == ExitCode.UNHEALTHY
 
 
 def test_signal_sets_flag_and_uninstall_restores():
@@ -62,7 +65,7 @@ def test_signal_sets_flag_and_uninstall_restores():
         while f.pending() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         req = f.pending()
-        assert req.code == EXIT_PREEMPTED and "SIGUSR1" in req.reason
+        assert req.code == ExitCode.PREEMPTED and "SIGUSR1" in req.reason
         os.kill(os.getpid(), signal.SIGTERM)  # must not kill the test process
         time.sleep(0.05)
         assert any("SIGTERM" in r.reason for r in f.all())
@@ -81,14 +84,14 @@ def test_signals_while_a_thread_hammers_request():
         for i in range(200):
             if stop.is_set():
                 return
-            f.request(EXIT_BUDGET, f"budget {i}")
+            f.request(ExitCode.BUDGET_EXHAUSTED, f"budget {i}")
 
     t = threading.Thread(target=hammer)
     t.start()
     try:
         for _ in range(20):
             os.kill(os.getpid(), signal.SIGUSR1)
-            f.request(EXIT_PREEMPTED, "main")
+            f.request(ExitCode.PREEMPTED, "main")
             f.pending()
     finally:
         stop.set()
@@ -96,7 +99,7 @@ def test_signals_while_a_thread_hammers_request():
         h.uninstall()
     assert not t.is_alive()
     assert sum("SIGUSR1" in r.reason for r in f.all()) >= 1
-    assert f.pending().code == EXIT_BUDGET
+    assert f.pending().code == ExitCode.BUDGET_EXHAUSTED
 
 
 CHILD = textwrap.dedent("""

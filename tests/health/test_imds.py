@@ -9,7 +9,8 @@ import urllib.request
 
 import pytest
 
-from health.flags import EXIT_PREEMPTED, StopFlags
+from health.exit_codes import ExitCode
+from health.flags import StopFlags
 from health.imds import SPOT_ACTION_PATH, TOKEN_PATH, ImdsClient, PreemptionWatcher, parse_notice_time
 from tests.health.imds_server import ImdsServer
 from tests.netutil import free_port
@@ -89,7 +90,7 @@ def test_watcher_flags_spot_notice(srv):
     finally:
         w.stop()
     req = flags.pending()
-    assert req is not None and req.code == EXIT_PREEMPTED
+    assert req is not None and req.code == ExitCode.PREEMPTED
     assert req.reason == f"spot interruption notice: terminate at {armed['time']}"
     assert w.deadline == parse_notice_time(armed["time"])
     assert len(flags.all()) == 1  # requested once, then the watcher stops
@@ -105,7 +106,7 @@ def test_rebalance_warns_only_unless_configured(srv, caplog):
     assert "rebalance recommendation" in caplog.text
     flags2 = StopFlags()
     PreemptionWatcher(flags2, srv.endpoint, act_on_rebalance=True).poll_once()
-    assert flags2.pending().code == EXIT_PREEMPTED
+    assert flags2.pending().code == ExitCode.PREEMPTED
 
 
 def test_watcher_survives_a_server_that_goes_away():

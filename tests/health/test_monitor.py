@@ -6,7 +6,8 @@ import dataclasses
 import logging
 import time
 
-from health.flags import EXIT_UNHEALTHY, StopFlags
+from health.exit_codes import ExitCode
+from health.flags import StopFlags
 from health.monitor import HealthMonitor
 from health.nvml import CLOCK_EVENT_BITS, FakeProbe, GpuProbe, GpuReading
 
@@ -42,7 +43,7 @@ def test_ecc_error_requests_76_naming_gpu_and_host(caplog):
         m.poll_once()  # the same finding again is not logged again
     assert [f.what for f in found] == ["ecc_volatile_uncorrected"]
     req = flags.pending()
-    assert req.code == EXIT_UNHEALTHY
+    assert req.code == ExitCode.UNHEALTHY
     assert "GPU 5 on node-a" in req.reason and "ecc_volatile_uncorrected=3" in req.reason
     assert caplog.text.count("ecc_volatile_uncorrected=3") == 1
     assert len(flags.all()) == 1
@@ -56,7 +57,7 @@ def test_fatal_xid_requests_76_app_xid_only_warns():
     assert flags.pending() is None and m.findings[-1].what == "xid_13"
     probe.inject_xid(1, 79)
     m.poll_once()
-    assert flags.pending().code == EXIT_UNHEALTHY and "xid_79" in flags.pending().reason
+    assert flags.pending().code == ExitCode.UNHEALTHY and "xid_79" in flags.pending().reason
 
 
 def test_thermal_slowdown_is_a_warning_only(caplog):
@@ -78,7 +79,7 @@ def test_thread_sees_a_late_fault_and_stops_cleanly():
         deadline = time.monotonic() + 3
         while flags.pending() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert flags.pending().code == EXIT_UNHEALTHY
+        assert flags.pending().code == ExitCode.UNHEALTHY
     finally:
         m.stop()
     assert not m._thread.is_alive()

@@ -19,7 +19,7 @@ def test_xid_table():
 
 
 def test_policy_config_from_health_section_duck_typed():
-    class H:  # the shape of train.config.HealthConfig, as Hydra/OmegaConf hands it over
+    class H:  # a partial health section: missing fields keep their defaults
         ecc_uncorrected_max = 2
         temp_warn_c = 80.0
         xid_actions = {"13": "checkpoint_exit_76"}
@@ -66,7 +66,7 @@ def test_counter_deltas_and_temperature():
 
 def test_health_section_validation():
     from health.validate import health_errors
-    from train.config import HealthConfig
+    from health.config import HealthConfig
 
     assert health_errors(HealthConfig()) == []
     bad = HealthConfig(preflight="full", nan_on_exhausted="ignore", hang_timeout_s=-1, straggler_min_slow=9,

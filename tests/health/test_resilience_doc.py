@@ -50,18 +50,17 @@ def test_doc_command_runs(cmd):
 
 
 def test_exit_code_table_matches_the_code():
-    from health.flags import EXIT_BUDGET, EXIT_HANG, EXIT_PREEMPTED, EXIT_UNHEALTHY
-    from train import exit_codes as ec
+    from health.exit_codes import ExitCode
 
     rows = dict(re.findall(r"^\|\s*(\d+) \| ([a-z ]+?) \|", DOC, re.M))
-    assert {int(k) for k in rows} == {0, 1, 2, 75, 76, 77, 78}
-    assert (ec.EXIT_OK, ec.EXIT_CRASH, ec.EXIT_CONFIG) == (0, 1, 2)
-    assert (ec.EXIT_PREEMPTED, ec.EXIT_UNHEALTHY, ec.EXIT_BUDGET) == (EXIT_PREEMPTED, EXIT_UNHEALTHY, EXIT_BUDGET)
-    assert EXIT_HANG == 78 and rows["78"] == "hang"
+    assert {int(k) for k in rows} == {0, 1, 2, 75, 76, 77, 78} == {int(c) for c in ExitCode}
+    assert (ExitCode.OK, ExitCode.CRASH, ExitCode.CONFIG_ERROR) == (0, 1, 2)
+    assert (ExitCode.PREEMPTED, ExitCode.UNHEALTHY, ExitCode.BUDGET_EXHAUSTED) == (75, 76, 77)
+    assert ExitCode.HANG == 78 and rows["78"] == "hang"
 
 
 def test_every_health_knob_is_documented():
-    from train.config import HealthConfig
+    from health.config import HealthConfig
 
     for f in dataclasses.fields(HealthConfig):
         assert f"`health.{f.name}`" in DOC, f"docs/resilience.md: add health.{f.name} to the knobs table"

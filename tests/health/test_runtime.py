@@ -8,22 +8,16 @@ import time
 
 import torch
 
+from health.config import HealthConfig
 from health.exit_record import resolve_exit_code
 from health.nvml import FakeProbe
 from health.runtime import HealthRuntime
 from tests.health.imds_server import ImdsServer
 
 
-class Cfg:  # the shape of train.config.HealthConfig
-    imds_interval_s = 0.05
-    imds_timeout_s = 0.5
-    nvml_interval_s = 0.05
-    hang_timeout_s = 30.0
-    straggler_every = 0
-    preflight = "quick"
-
-    def __init__(self, endpoint):
-        self.imds_endpoint = endpoint
+def Cfg(endpoint: str) -> HealthConfig:
+    return HealthConfig(imds_endpoint=endpoint, imds_interval_s=0.05, imds_timeout_s=0.5, nvml_interval_s=0.05,
+                        hang_timeout_s=30.0, straggler_every=0, preflight="quick")
 
 
 def _wait_for(hr, step, timeout=5.0):

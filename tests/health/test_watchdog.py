@@ -9,7 +9,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from health.flags import EXIT_HANG
+from health.exit_codes import ExitCode
 from health.watchdog import HangWatchdog, flight_recorder_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def test_hanging_rank_is_dumped_and_exits_78(tmp_path):
     p = subprocess.run([sys.executable, "-c", HANGING_RANK, str(tmp_path)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=30)
     elapsed = time.monotonic() - t0
-    assert p.returncode == EXIT_HANG == 78, (p.returncode, p.stderr)
+    assert p.returncode == ExitCode.HANG == 78, (p.returncode, p.stderr)
     assert "unreachable" not in p.stdout
     assert elapsed < 20  # 1 s timeout + interpreter start-up (slow on a loaded 2-core CI box)
     dump = (tmp_path / "hang_rank3.txt").read_text()
@@ -95,7 +95,7 @@ def test_flight_recorder_dumped_with_a_process_group(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-c", HANGING_IN_A_GROUP, str(tmp_path), port], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
-    assert p.returncode == EXIT_HANG, p.stderr
+    assert p.returncode == ExitCode.HANG, p.stderr
     trace = pickle.loads((tmp_path / "flight_recorder_rank0.pkl").read_bytes())
     assert any("all_reduce" in e.get("profiling_name", "") for e in trace["entries"]), trace["entries"]
     assert (tmp_path / "hang_rank0.txt").exists()

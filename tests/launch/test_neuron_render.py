@@ -37,8 +37,8 @@ def _precompile_overrides(script: str) -> list[str]:
 
 
 def test_neuron_script_renders_exports_and_precompile(tmp_path):
-    from train.config import NeuronConfig
-    from train.neuron_env import recommended_xla_env
+    from devices.config import NeuronConfig
+    from devices.neuron_env import recommended_xla_env
 
     path, script, run_dir = _render(tmp_path)
     subprocess.run(["bash", "-n", str(path)], check=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.torch_compat import has_grouped_mm
+from compat.torch_compat import has_grouped_mm
 from moe.dispatch import LocalDispatcher
 from moe.experts import GroupedExperts
 

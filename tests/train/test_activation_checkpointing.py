@@ -129,3 +129,12 @@ def test_checkpointed_blocks_compile_without_graph_breaks(policy):
     code = f"from tests.train.test_activation_checkpointing import compiled_matches_eager as f; f({policy!r})"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_returns_the_checkpointed_blocks_and_a_second_call_wraps_nothing_again():
+    m = _model()
+    assert apply_activation_checkpointing(m, "full", 2) == (0, 2)
+    forwards = [vars(b).get("forward") for b in m.layers.values()]
+    assert forwards[1] is None and forwards[3] is None and forwards[0] is not None
+    assert apply_activation_checkpointing(m, "full", 2) == (0, 2)
+    assert [vars(b).get("forward") for b in m.layers.values()] == forwards  # no checkpoint in a checkpoint

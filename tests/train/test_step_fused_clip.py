@@ -7,9 +7,9 @@ import torch
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train.build import Runtime
+from devices.runtime import Runtime
 from train.optim import can_fold_clip
-from train.step import train_step
+from train.step import StepInputs, train_step
 
 
 def _model():
@@ -40,8 +40,8 @@ def test_folded_clip_matches_explicit_clip(clip):
     assert can_fold_clip(fused_opt, list(fused_model.parameters()))
     assert not can_fold_clip(ref_opt, list(ref_model.parameters()))
     for _ in range(2):
-        out = train_step(fused_model, fused_opt, iter([_batch()]), 1, rt, clip, 0.0)
-        train_step(unclipped, unclipped_opt, iter([_batch()]), 1, rt, 0.0, 0.0)
+        out = train_step(fused_model, fused_opt, StepInputs(iter([_batch()]), 1), rt, clip, 0.0)
+        train_step(unclipped, unclipped_opt, StepInputs(iter([_batch()]), 1), rt, 0.0, 0.0)
         assert not hasattr(fused_opt, "grad_scale")  # disarmed after the step
         # Reference: torch's own clip then a plain AdamW step.
         ref_model.train()

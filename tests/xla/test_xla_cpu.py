@@ -101,8 +101,8 @@ def test_runtime_pieces_on_the_cpu_device():
     os.environ.setdefault("PJRT_DEVICE", "CPU")
     import torch
 
-    from train.build import resolve_runtime
-    from train.config import ClusterConfig
+    from devices.runtime import resolve_runtime
+    from cost.config import ClusterConfig
 
     rt = resolve_runtime("xla", "auto")
     assert rt.device.type == "xla" and rt.amp_dtype is None  # auto: fp32 on torch-xla's CPU device
@@ -116,8 +116,9 @@ def test_runtime_pieces_on_the_cpu_device():
     with resolve_runtime("xla", "bf16").autocast():
         assert (x[None] @ x[:, None]).dtype == torch.bfloat16
     # MFU: unknown on a CPU device (n/a), unless overridden; Trainium peaks need the Neuron runtime
-    assert rt.peak_flops(ClusterConfig(accelerator="Trainium1")) == 0.0
-    assert rt.peak_flops(ClusterConfig(peak_tflops_override=2.0)) == pytest.approx(2e12)
+    c1, c2 = ClusterConfig(accelerator="Trainium1"), ClusterConfig(peak_tflops_override=2.0)
+    assert rt.peak_flops(c1.accelerator, c1.peak_tflops_override) == 0.0
+    assert rt.peak_flops(c2.accelerator, c2.peak_tflops_override) == pytest.approx(2e12)
     assert rt.xla.memory_gib() is None  # XLA:CPU reports no allocator stats
 
 

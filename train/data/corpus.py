@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
 import sysconfig
 import time
 import uuid
 from typing import Dict, List, Optional, Tuple
 
+from checkpointing.atomic import publish_dir
 from train.data.shards import ShardSet, ShardWriter
 from train.data.tokenizer import ByteTokenizer
 
@@ -122,15 +122,8 @@ def build_builtin_corpus(cache_dir: Optional[str] = None, max_bytes: int = 12 * 
                       "python": sys.version.split()[0], "n_files": len(docs),
                       "val_files": sorted(val), "val_fraction": val_fraction,
                       "max_bytes": max_bytes})
-        try:
-            os.rename(tmp, final)
-            built = True
-        except OSError:
-            # Another rank renamed its copy first (a non-empty target makes rename fail);
-            # both copies are byte-identical, so keep theirs.
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not os.path.exists(os.path.join(final, "index.json")):
-                raise
+        # Another rank may rename its copy first; both copies are byte-identical, so keep theirs.
+        built = publish_dir(tmp, final, marker="index.json")
     shards = ShardSet(final)
     info = {"source": "builtin", "corpus_hash": corpus_hash, "python": sys.version.split()[0],
             "n_files": len(docs), "corpus_bytes": sum(len(d) for _, d in docs),

@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
+
+from checkpointing.atomic import atomic_write_bytes
 
 FORMAT_NAME = "moeforge-shards"
 FORMAT_VERSION = 1
@@ -160,15 +161,7 @@ class ShardWriter:
         }
         data = json.dumps(index, indent=1, sort_keys=True).encode("utf-8")
         dest = posixpath.join(self.root, INDEX_FILE)
-        if isinstance(self.fs, LocalFileSystem):
-            tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        else:  # one PUT is atomic on object stores
-            self.fs.pipe_file(dest, data)
+        atomic_write_bytes(dest, data, fs=self.fs)  # local: temp + rename; object stores: one PUT
         return index
 
 

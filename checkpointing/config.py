@@ -1,0 +1,21 @@
+"""The ``checkpoint`` config section (docs/checkpointing.md); rules in ``checkpointing/validate.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict
+
+
+@dataclass
+class CheckpointConfig:
+    root: str = ""  # "" = output_dir; a path, an FSx mount or s3://bucket/prefix
+    every_steps: int = 50
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every m-th step forever; 0 = off
+    resume: str = "auto"  # auto | none | a checkpoint path
+    async_mode: str = "off"  # off | thread | process
+    staging: str = "host"  # host | device (thread mode: snapshot in spare GPU memory, ~0 stall)
+    save_final: bool = True
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+    on_save_error: str = "stop"  # stop: a failed save raises; continue: log it, keep training (no marker)
+    upload_root: str = ""  # two tiers: commit to root, then upload to this s3://bucket/prefix in the background
