@@ -142,7 +142,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if eks:
         from launch import eks as E
 
-        job = E.EksJob(run_name=c.run_name, run_dir=c.run_dir, overrides=overrides, secret_vars=list(secret_env),
+        job = E.EksJob(run_name=c.run_name, run_dir=c.run_dir, overrides=overrides,
+                       secret_vars=list(secret_env),
                        instance_type=args.instance_type, nodes=args.nodes,
                        nproc_per_node=args.nproc_per_node or (1 if xla else 0), image=args.image,
                        namespace=args.namespace,

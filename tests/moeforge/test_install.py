@@ -124,3 +124,29 @@ def test_own_configs_example_of_the_doc(installed, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     config = (tmp_path / "outputs" / "mine" / "config.yaml").read_text()
     assert "name: tiny_wide" in config and "n_experts: 16" in config
+
+
+def test_every_command_of_the_doc_is_run_here():
+    """docs/install.md's commands: the wheel build and install are what the fixture above does;
+    `moeforge train` with the search path runs in test_own_configs_example_of_the_doc; the torchrun
+    line composes and validates at its world size (tests/test_docs.py's rule for multi-GPU lines)."""
+    import shlex
+
+    from tests.test_docs import _world_and_overrides
+    from train.cli import CONFIG_DIR, to_typed
+    from train.validate import validate_train_config
+
+    cmds = [" ".join(c.split()) for b in re.findall(r"```bash\n(.*?)```", DOC, re.S)
+            for c in b.replace("\\\n", " ").splitlines() if c.strip()]
+    assert len(cmds) == 3, cmds
+    wheel, torchrun, own = cmds
+    assert wheel.startswith("pip wheel --no-deps -w dist . && pip install dist/moeforge-") and wheel.endswith(".whl")
+    assert own.startswith("moeforge train 'hydra.searchpath=")
+    args = shlex.split(torchrun)
+    assert args[0] == "torchrun" and args[args.index("--no-python") + 1:][:2] == ["moeforge", "train"]
+    from hydra import compose, initialize_config_dir
+
+    world, overrides = _world_and_overrides(args)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = to_typed(compose("train", overrides=overrides))
+    validate_train_config(cfg, world_size=world)
