@@ -28,6 +28,8 @@ import logging
 import os
 from typing import Any, Dict, List, Mapping
 
+from parallelism.config import DeepSpeedConfig
+
 import torch
 import torch.distributed as dist
 
@@ -57,7 +59,7 @@ OWNED = {
 }
 
 
-def deepspeed_errors(ds: Any, *, engine: str, world_size: int, dp_replicate: int, dp_shard: int, ep: int,
+def deepspeed_errors(ds: DeepSpeedConfig, *, engine: str, world_size: int, dp_replicate: int, dp_shard: int, ep: int,
                      compile: bool, async_mode: str, checkpoint_root: str, upload_root: str,
                      device: str = "auto") -> List[str]:
     """Cross-field rules of ``parallel.deepspeed`` (and what it needs elsewhere), each naming the
@@ -124,7 +126,7 @@ def _merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def deepspeed_config(ds: Any, *, global_batch_size: int, micro_batch_size: int, grad_accum: int,
+def deepspeed_config(ds: DeepSpeedConfig, *, global_batch_size: int, micro_batch_size: int, grad_accum: int,
                      grad_clip: float, bf16: bool) -> Dict[str, Any]:
     """DeepSpeed's JSON config from ours (pure). ``global = micro x accumulation x world``, the
     same arithmetic as the FSDP2 loop, so the two engines see the same batches."""

@@ -30,6 +30,7 @@ from torch import nn
 from compat.torch_compat import foreach_mul_
 from parallelism.config import ParallelConfig
 from parallelism.mesh import Meshes, build_mesh
+from parallelism.process_group import DistContext
 
 __all__ = ["parallelize", "ParallelizeResult", "apply_activation_checkpointing", "AC_POLICIES", "compile_blocks",
            "clip_grad_norm", "grad_norm"]
@@ -130,7 +131,7 @@ def _n_experts(model: nn.Module) -> Optional[int]:
     return getattr(moe, "n_experts", None) if moe is not None else None
 
 
-def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, ctx: Any, device_type: str,
+def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, ctx: DistContext, device_type: str,
                 param_dtype: Optional[torch.dtype] = None, activation_checkpointing: bool = False,
                 compile: bool = False, meshes: Optional[Meshes] = None,
                 reshard_after_forward: bool = True, ac_policy: str = "full",
@@ -143,7 +144,7 @@ def parallelize(model: nn.Module, parallel_cfg: ParallelConfig, ctx: Any, device
     were compiled and which blocks are checkpointed come back in the :class:`ParallelizeResult`
     (nothing is attached to the model: its state dict and attributes are as they were).
     """
-    world = int(getattr(ctx, "world_size", 1))
+    world = ctx.world_size
     if meshes is None:
         meshes = build_mesh(parallel_cfg, world, device_type, n_experts=_n_experts(model))
     if meshes.ep_enabled:
