@@ -109,3 +109,26 @@ def test_launched_and_direct_runs_leave_no_secret_anywhere(tmp_path):
     configs = list(tmp_path.rglob("config.yaml"))
     assert len(configs) == 2 and all("<redacted>" in c.read_text() for c in configs)
     assert list(tmp_path.rglob("*.wandb"))  # W&B ran, and its files were searched too
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_slurm_job_gets_its_secrets_through_the_environment(tmp_path, slurm_cluster):
+    """A real sbatch on the project's local Slurm: the script holds only references, the job still
+    posts to the secret webhook URL (sbatch passed the launcher's environment on), and nothing under
+    the run directory, the Slurm log included, holds a planted value."""
+    from tests.launch.common import wait_job
+
+    with RecordingServer() as srv:
+        hook = f"logging.alert_webhook='{srv.url}?token=plantedWebhook0005'"
+        p = launch("slurm", "--nproc-per-node", "1", "--cpus-per-task", "1", "--", *SECRET_OVERRIDES, hook, *TINY,
+                   "trainer.max_steps=2", "cost.price_per_hour=36", "cost.budget_usd=100",
+                   "cost.alert_fractions=[0.00001]", f"output_dir={tmp_path / 'out'}", cwd=tmp_path)
+        job, run_dir = field(p.stdout, "job_id"), Path(field(p.stdout, "run_dir"))
+        state = wait_job(job, 240)
+        paths = list(srv.paths)
+    log = run_dir / f"slurm-{job}.out"
+    assert state == "COMPLETED", log.read_text(errors="replace")[-3000:] if log.exists() else state
+    assert paths and all(x.endswith("?token=plantedWebhook0005") for x in paths), paths
+    leaks = _leaks(tmp_path, p.stdout, p.stderr)
+    assert not leaks, leaks
