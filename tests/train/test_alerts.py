@@ -82,3 +82,54 @@ def test_a_run_alerts_on_budget_levels_and_a_nan_rollback(tmp_path, monkeypatch)
     assert sorted(a.title.rsplit(": ", 1)[1] for a in alerts) == sorted(events)
     texts = {a.text for a in alerts}
     assert {b["text"].split(": ", 2)[2] for b in bodies} == texts
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 24 MiB tmpfs: the tiny model's first checkpoint fits, the next ones fail with ENOSPC."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs (a real full disk) needs root")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_run_alerts_on_a_failed_save_and_on_preemption(tmp_path, full_disk):
+    """checkpoint.root on a full disk with checkpoint.on_save_error=continue: each failed save
+    alerts; then SIGTERM (a preemption) alerts at the agreed stop."""
+    import signal
+    import subprocess
+
+    from tests.train.runner import REPO, env, train_cmd
+
+    with RecordingServer() as srv:
+        cmd = train_cmd(*FAST, "trainer.eval_every=0", "trainer.max_steps=40", "checkpoint.every_steps=1",
+                        "checkpoint.on_save_error=continue", f"checkpoint.root={full_disk}",
+                        "health.fault_inject_slow_s=0.3", f"logging.alert_webhook={srv.url}",
+                        f"output_dir={tmp_path / 'out'}", "run_name=disk")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 180
+            while not any(b["event"] == "save_failed" for b in srv.bodies) and time.monotonic() < deadline:
+                assert proc.poll() is None, proc.communicate()[0][-3000:]
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            out = proc.communicate(timeout=120)[0]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        bodies = list(srv.bodies)
+    events = [b["event"] for b in bodies]
+    assert "save_failed" in events and events.count("preemption") == 1, (events, out[-3000:])
+    failed = next(b for b in bodies if b["event"] == "save_failed")
+    assert failed["level"] == "ERROR" and "No space left on device" in failed["text"]
+    preempted = next(b for b in bodies if b["event"] == "preemption")
+    assert "SIGTERM" in preempted["text"] and preempted["level"] == "WARN", preempted
