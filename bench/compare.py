@@ -2,10 +2,10 @@
 process, on the same device and batch.
 
     python -m bench compare --model {llama_1b|dsv3_mini|gemma3_swa_1b} --seq 2048 --batch 4 \\
-        [--variants ours,ours_compiled,peer,peer_compiled] [--split] --out DIR
+        [--variants ours,ours_compiled,peer,peer_compiled] [--peer-tf32 on|off] [--split] --out DIR
     python -m bench compare --model dsv3_mini --tiny --out DIR      # CPU: shrunk geometry, fp32
 
-A step is forward + backward + gradient clipping (1.0) + AdamW step + zero_grad, bf16 autocast
+Our step is forward + backward + gradient clipping (1.0) + AdamW step + zero_grad, bf16 autocast
 over fp32 master parameters on a GPU (fp32 on CPU), random tokens from a fixed generator, targets
 the tokens shifted by one, loss = cross-entropy in fp32 on the logits:
 
@@ -13,11 +13,14 @@ the tokens shifted by one, loss = cross-entropy in fp32 on the logits:
   ``build_optimizer``, ``train_step``), ``ours_compiled`` with ``compile=True`` (each block, and
   the loss as train_step compiles it); everything train_step does is in the step: the clip folded
   into fused AdamW on CUDA, the MoE sequence aux loss and the expert-bias update;
-- ``peer``: ``bench.peer.build_peer`` (sdpa attention, grouped-GEMM experts where the model has
-  them), the same ``build_optimizer`` (fused AdamW on CUDA, same groups and hyper-parameters), the
-  loss in fp32 on its logits (as transformers' causal-LM loss upcasts), the clip by
-  ``torch.nn.utils.clip_grad_norm_`` (what transformers' Trainer calls); ``peer_compiled``:
-  ``model.model.layers[i].compile()``. DeepseekV3 trains with neither aux loss nor bias update.
+- ``peer``: ``bench.peer.peer_recipe``, the peer as its users build it (issue 19): fp32 weights
+  from ``AutoModelForCausalLM.from_config`` (sdpa attention, ``experts_implementation=
+  "grouped_mm"``), bf16 autocast, ``model(input_ids=x, labels=x).loss`` (transformers' own
+  shifted, fp32-upcast loss), a plain ``torch.optim.AdamW(fused=True)`` on CUDA, no clipping,
+  fp32 matmuls on TF32 (``--peer-tf32 on``, the default; only the MoE peer's fp32 experts have any);
+  ``peer_compiled``: ``torch.compile(model)`` on the whole model. DeepseekV3 trains with neither
+  aux loss nor bias update. ``peer_layer_compiled`` (diagnostic, not in the default list): the old
+  build, each decoder layer compiled on its own, kept to show what that costs.
 
 Each variant: built after ``reset_peak_memory_stats``, one first step (timed apart: it includes
 compilation), ``--warmup`` steps, then ``--steps`` steps timed with CUDA events (median, min,
@@ -46,10 +49,12 @@ from model.flops import flops_per_token
 from devices.runtime import Runtime
 
 VARIANTS = ("ours", "ours_compiled", "peer", "peer_compiled")
+DIAGNOSTIC_VARIANTS = ("peer_layer_compiled",)  # run only when named in --variants
 DATASHEET_TFLOPS = 989.0  # dense bf16, H100 SXM / H200
 # Profiler keys worth naming: which attention and grouped-GEMM kernels (or fallbacks) ran.
+# "f32f32"/"tf32" name cuBLAS GEMMs that run in fp32 (an expert path that left bf16).
 KERNEL_PATTERNS = ("grouped_mm", "scaled_dot_product", "flash", "efficient_attention", "cudnn_attention",
-                   "flex")
+                   "flex", "f32f32", "tf32", "sgemm")
 
 
 def _args(argv):
@@ -62,14 +67,17 @@ def _args(argv):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--split", action="store_true", help="also the time split of our eager step")
     ap.add_argument("--tiny", action="store_true", help="shrunk geometry for a CPU run")
+    ap.add_argument("--peer-tf32", choices=("on", "off"), default="on",
+                    help="the peer's fp32 matmuls on TF32 tensor cores (on: the issue-19 recipe as "
+                         "measured; off: PyTorch's default). Ours has no fp32 matmul; set for peer variants only")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
     args.seq = args.seq or (TINY_SEQ if args.tiny else 2048)
     args.batch = args.batch or (TINY_BATCH if args.tiny else 4)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in args.variants if v not in VARIANTS]
+    bad = [v for v in args.variants if v not in VARIANTS + DIAGNOSTIC_VARIANTS]
     if bad:
-        ap.error(f"--variants: unknown {bad}; choose from {','.join(VARIANTS)}")
+        ap.error(f"--variants: unknown {bad}; choose from {','.join(VARIANTS + DIAGNOSTIC_VARIANTS)}")
     return args
 
 
@@ -100,20 +108,18 @@ def kernels_seen(step: Callable[[], Any], runtime: Runtime) -> Dict[str, int]:
     return dict(sorted(seen.items(), key=lambda kv: -kv[1])[:12])
 
 
-def peer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch, runtime: Runtime,
-              grad_clip: float) -> Callable[[], torch.Tensor]:
-    from bench.peer import peer_logits
-    from train.step import lm_loss
+def peer_step(forward: torch.nn.Module, opt: torch.optim.Optimizer, batch,
+              runtime: Runtime) -> Callable[[], torch.Tensor]:
+    """The peer's step as its users write it: autocast forward with ``labels=input_ids``,
+    backward, fused AdamW step, zero_grad."""
+    from bench.peer import peer_loss
 
-    inputs_BT, targets_BT = batch
-    params = [p for p in model.parameters() if p.requires_grad]
+    inputs_BT, _ = batch
 
     def step():
         with runtime.autocast():
-            logits_BTV = peer_logits(model, inputs_BT)
-        loss = lm_loss(logits_BTV, targets_BT)
+            loss = peer_loss(forward, inputs_BT)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
@@ -123,20 +129,14 @@ def peer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch, runtime
 
 def build_variant(variant: str, cfg, runtime: Runtime, batch):
     """(model, step, info) of one variant."""
-    from bench.ours import GRAD_CLIP
-    from bench.peer import build_peer, compile_layers
-    from train.config import OptimConfig
-    from train.optim import build_optimizer
+    from bench.peer import peer_recipe
 
     compiled = variant.endswith("_compiled")
     if variant.startswith("ours"):
         s = build_ours(cfg, runtime, batch, compile=compiled)
         return s.model, s.step, {}
-    model, info = build_peer(cfg, runtime.device)
-    if compiled:
-        compile_layers(model)
-    opt = build_optimizer(model, OptimConfig(lr=3e-4), runtime.device_type)
-    return model, peer_step(model, opt, batch, runtime, GRAD_CLIP), info
+    r = peer_recipe(cfg, runtime.device, compile=compiled, layer_compile=variant == "peer_layer_compiled")
+    return r.model, peer_step(r.forward, r.optimizer, batch, runtime), r.info
 
 
 def run_variant(variant: str, cfg, runtime: Runtime, batch, steps: int, warmup: int) -> Dict[str, Any]:
@@ -244,9 +244,12 @@ def main(argv=None) -> None:
     batch = make_batch(cfg, args.batch, args.seq, runtime.device)
     fpt = flops_per_token(cfg, args.seq)
     tokens = args.batch * args.seq
+    from bench.peer import tf32_matmul
+
     for v in to_run:
         try:
-            r = run_variant(v, cfg, runtime, batch, args.steps, args.warmup)
+            with tf32_matmul(v.startswith("peer") and args.peer_tf32 == "on"):
+                r = run_variant(v, cfg, runtime, batch, args.steps, args.warmup)
             throughput(r, tokens, fpt, peak)
             print({k: x for k, x in r.items() if k not in ("step_s_all", "kernels", "peer")}, flush=True)
         except Exception as e:  # noqa: BLE001 - one failed variant must not lose the others
@@ -261,7 +264,8 @@ def main(argv=None) -> None:
     payload: Dict[str, Any] = {
         "model": args.model, "tiny": args.tiny, "seq": args.seq, "batch": args.batch,
         "precision": "bf16 autocast, fp32 master params" if runtime.amp_dtype is not None else "fp32",
-        "flops_per_token": fpt, "matmul_peak_tflops": peak, "datasheet_tflops": DATASHEET_TFLOPS,
+        "peer_tf32": args.peer_tf32, "flops_per_token": fpt, "matmul_peak_tflops": peak,
+        "datasheet_tflops": DATASHEET_TFLOPS,
         "params": params, "variants": variants, "ratios": ratios(variants), "env": environment(),
     }
     peer_info = next((r["peer"] for r in variants.values() if "peer" in r), None)

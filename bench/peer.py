@@ -1,20 +1,41 @@
-"""The Hugging Face transformers peer of a preset: the same geometry, built from our ModelConfig.
+"""The Hugging Face transformers peer of a preset: the same geometry, built from our ModelConfig,
+and trained the way its users train it.
 
 - dense GQA (llama_1b)          -> ``LlamaForCausalLM``, config from ``checkpointing.export.llama_config``
 - MLA + MoE (dsv3_mini)         -> ``DeepseekV3ForCausalLM``, from ``deepseek_v3_config``
 - Gemma-3 style (gemma3_swa_1b) -> ``Gemma3ForCausalLM`` / ``Gemma3TextConfig``, from
   :func:`gemma3_text_config` below (export refuses sliding windows; a benchmark only needs shapes).
 
-``attn_implementation="sdpa"``; routed experts ask for transformers' grouped-GEMM experts
-(``experts_implementation="grouped_mm"``, a ``from_config`` keyword in transformers 5.x: read in
-the 5.17.0 and 5.23.0 sources). If that request raises, the model is built with the default and
-the reason is recorded, never hidden. transformers is imported inside the functions, so
-``python -m bench`` neither needs it nor pays for importing it.
+The recipe (issue 19; what a user of transformers writes): ``AutoModelForCausalLM.from_config(conf,
+attn_implementation="sdpa", experts_implementation="grouped_mm")`` with fp32 weights,
+``torch.compile(model)`` on the WHOLE model (embedding, layers, head and transformers' own loss in
+one graph), bf16 autocast, ``torch.optim.AdamW(..., fused=True)``, ``model(input_ids=x, labels=x)``
+(the model shifts the labels itself). :func:`peer_recipe` builds exactly that; ``compare`` times it.
+
+Why the earlier MoE peer was 2.6x slower than the issue's figure (measured on an H200, 2026-12-02,
+docs/PERFORMANCE.md): not the construction and not the compile granularity, but TF32. With fp32
+weights transformers' ``grouped_mm`` experts cast the activations to fp32, and under
+torch.compile (``is_torchdynamo_compiling()`` with non-bf16 weights) they take
+``transformers::grouped_mm_fallback``: a per-expert ``torch.mm`` loop with a host sync, which
+inductor cannot compile (graph break on ``aten._local_scalar_dense``). Those fp32 GEMMs run on
+SIMT cores (cuBLAS ``cutlass_80_simt_sgemm``) with PyTorch's default fp32 precision: 36.1k tok/s
+for dsv3_mini b16; with TF32 allowed the same loop runs on tensor cores: 93.4k, the issue's
+93.3k. ``compare --peer-tf32 on|off`` picks one (default on, the issue's recipe as measured);
+both are what users get (PyTorch's default, or ``set_float32_matmul_precision("high")``).
+``compile_layers`` (per-layer compile, the old build) is kept as the ``peer_layer_compiled``
+diagnostic variant.
+
+``experts_implementation`` is a ``from_config`` keyword in transformers 5.x (read in the 5.17.0
+and 5.23.0 sources). If that request raises, the model is built with the default and the reason
+is recorded, never hidden. transformers is imported inside the functions, so ``python -m bench``
+neither needs it nor pays for importing it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Tuple
 
 import torch
 
@@ -128,6 +149,8 @@ def build_peer(cfg: ModelConfig, device: torch.device,
     if type(model).__name__ != cls_name:
         raise PeerConfigError(f"AutoModelForCausalLM built {type(model).__name__}, expected {cls_name}")
     model.train()
+    # fp32 GEMMs (fp32 experts) run on TF32 tensor cores only if the user opts in; record it.
+    info["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
     info["attn_implementation"] = model.config._attn_implementation
     types = getattr(model.config, "layer_types", None)
     if types and len(set(types)) > 1:
@@ -145,13 +168,65 @@ def build_peer(cfg: ModelConfig, device: torch.device,
 
 
 def compile_layers(model: torch.nn.Module) -> None:
-    """``torch.compile`` on each decoder layer, in place (as our ``compile_blocks``)."""
+    """``torch.compile`` on each decoder layer, in place: the old peer's build, kept only as the
+    ``peer_layer_compiled`` diagnostic (no user of transformers compiles this way)."""
     for layer in model.model.layers:
         layer.compile()
 
 
 def peer_logits(model: torch.nn.Module, inputs_BT: torch.Tensor) -> torch.Tensor:
     return model(input_ids=inputs_BT, use_cache=False).logits
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled: bool) -> Iterator[None]:
+    """fp32 matmuls on TF32 tensor cores while inside (``torch.backends.cuda.matmul.allow_tf32``,
+    what ``torch.set_float32_matmul_precision("high")`` and transformers' ``TrainingArguments(
+    tf32=True)`` set); the previous setting is restored after. It matters to the MoE peer only:
+    its fp32 experts run fp32 GEMMs (see the module docstring)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@dataclass
+class PeerRecipe:
+    model: torch.nn.Module  # the CausalLM itself (parameters, state dict)
+    forward: torch.nn.Module  # what the step calls: torch.compile(model) or the model
+    optimizer: torch.optim.Optimizer
+    info: Dict[str, Any]
+
+
+def peer_recipe(cfg: ModelConfig, device: torch.device, compile: bool, lr: float = 3e-4,
+                layer_compile: bool = False) -> PeerRecipe:
+    """The peer as its users build it: fp32 weights from ``from_config``, ``torch.compile(model)``
+    on the whole model when ``compile``, and a plain fused AdamW over all parameters (fused on
+    CUDA; CPU has no fused kernel for every dtype we test with, so foreach there).
+    ``layer_compile=True`` is the old per-layer build (diagnostic only)."""
+    model, info = build_peer(cfg, device)
+    forward: torch.nn.Module = model
+    if layer_compile:
+        compile_layers(model)
+        info["compile"] = "per decoder layer (diagnostic)"
+    elif compile:
+        forward = torch.compile(model)
+        info["compile"] = "torch.compile(model), whole model"
+    else:
+        info["compile"] = "none"
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=fused, foreach=None if fused else True)
+    info["optimizer"] = f"torch.optim.AdamW(fused={fused})"
+    return PeerRecipe(model, forward, opt, info)
+
+
+def peer_loss(forward: torch.nn.Module, inputs_BT: torch.Tensor) -> torch.Tensor:
+    """transformers' own causal-LM loss: ``labels=input_ids``, shifted inside the model, logits
+    upcast to fp32 (``ForCausalLMLoss``)."""
+    return forward(input_ids=inputs_BT, labels=inputs_BT, use_cache=False).loss
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -1,7 +1,8 @@
 """Training-step throughput of a preset through the real trainer pieces (parallelize, train_step,
 fused AdamW), on one GPU or under torchrun (FSDP2, expert parallel).
 
-    python -m bench train --model dsv3_mini --seq 2048 --batch 4 [--compile] [--ep 2] --out DIR
+    python -m bench train --model dsv3_mini --seq 2048 --batch 4 [--compile] [--ep 2] \
+        [--fp8 tensorwise|rowwise [--fp8-experts off]] [--profile-top 25] --out DIR
     torchrun --nproc-per-node 2 -m bench train --model dsv3_mini --ep 2 --out DIR
 
 Prints tokens/s per GPU, MFU (vs 989 and vs the bf16 matmul rate measured in the same run), peak
@@ -34,6 +35,9 @@ def _args(argv):
     ap.add_argument("--ac-policy", default="full", choices=("full", "selective"),
                     help="with --ac: recompute whole blocks, or keep matmul/attention outputs")
     ap.add_argument("--ac-every", type=int, default=1, help="with --ac: checkpoint every N-th block")
+    ap.add_argument("--fp8", default="", choices=("", "tensorwise", "rowwise"),
+                    help="trainer.precision=fp8 with this recipe (model/fp8.py); needs --compile on SM89+")
+    ap.add_argument("--fp8-experts", default="on", choices=("on", "off"), help="with --fp8: trainer.fp8.experts")
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--tag", default="")
     ap.add_argument("--profile-top", type=int, default=0, help="print the N ops with the most device time")
@@ -85,6 +89,16 @@ def main(argv=None) -> None:
         cfg = preset(args.model)
         with torch.device("meta"):
             model = Transformer(cfg)
+        fp8 = None
+        if args.fp8:  # the trainer's surgery, before parallelize (train.fsdp_engine.convert_precision)
+            from model.fp8 import Fp8Config, convert_to_fp8
+            from compat.torch_compat import cuda_capability
+
+            fp8 = convert_to_fp8(model, Fp8Config(recipe=args.fp8, experts=args.fp8_experts == "on"),
+                                 capability=cuda_capability(runtime.device) if runtime.device_type == "cuda" else None,
+                                 fsdp_float8_all_gather=ctx.world_size > 1)
+            if ctx.is_main:
+                print(fp8.summary(), flush=True)
         pcfg = ParallelConfig(ep=args.ep)
         parallel = parallelize(model, pcfg, ctx, runtime.device_type,
                                param_dtype=runtime.amp_dtype if ctx.world_size > 1 else None,
@@ -118,7 +132,7 @@ def main(argv=None) -> None:
         peak = matmul_peak_tflops() if ctx.rank == 0 else 0.0
         result = {
             "model": args.model, "seq": args.seq, "batch_per_gpu": args.batch, "world_size": ctx.world_size,
-            "ep": args.ep, "compiled": args.compile, "ac": args.ac,
+            "ep": args.ep, "compiled": args.compile, "ac": args.ac, "fp8": fp8.summary() if fp8 else None,
             "ac_policy": args.ac_policy if args.ac else None, "ac_every": args.ac_every if args.ac else None, "step_s_median": t, "step_s_all": times,
             "tok_s_per_gpu": tok_s_gpu, "tflops_per_gpu": tok_s_gpu * fpt / 1e12,
             "mfu_989": tok_s_gpu * fpt / 989e12, "matmul_peak_tflops": peak,
@@ -126,7 +140,8 @@ def main(argv=None) -> None:
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None, **comm, "device_busy_share": busy / window_s if window_s else None, "top_ops": top, "env": environment(),
         }
         if ctx.rank == 0:
-            name = f"train_{args.model}_w{ctx.world_size}_ep{args.ep}{'_c' if args.compile else ''}{args.tag}"
+            fp8_tag = f"_fp8{args.fp8}" + ("" if args.fp8_experts == "on" else "_dense") if args.fp8 else ""
+            name = f"train_{args.model}_w{ctx.world_size}_ep{args.ep}{'_c' if args.compile else ''}{fp8_tag}{args.tag}"
             write_json(args.out, name, result)
             print({k: v for k, v in result.items() if k not in ("step_s_all", "env", "top_ops")}, flush=True)
             for row in top:

@@ -1,8 +1,10 @@
 """The one module that knows torch.distributed.checkpoint's version differences and private bits.
 
-Tested on torch 2.13 (CPU) and meant for 2.11 (GPU image): writer/reader construction, a load
-planner that refuses pickled objects, ``async_save``'s two return types, and the async PROCESS
-checkpointer with a fresh ``DefaultStager`` per save (feature-detected, never version-compared).
+Tested on torch 2.13 (CPU) and meant for 2.11 (GPU image): writer/reader construction (a reader
+whose ``.metadata`` goes through a restricted unpickler, a writer that stops DCP's daemon process
+from outliving its trainer), a load planner that refuses pickled objects, ``async_save``'s two
+return types, and the async PROCESS checkpointer with a fresh ``DefaultStager`` per save
+(feature-detected, never version-compared).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.stateful import Stateful
 
-from compat.torch_compat import fsspec_reader_writer
+from checkpointing import safe_pickle
+from checkpointing.errors import UnsafeCheckpointError
+from checkpointing.orphan_guard import ParentWatchingMixin
+from compat.torch_compat import dcp_metadata_path, fsspec_reader_writer
 
 FsspecReader, FsspecWriter = fsspec_reader_writer()
 
@@ -33,22 +38,71 @@ ERRORS = (Exception, CheckpointException)
 
 __all__ = ["ERRORS", "make_writer", "make_reader", "WeightsOnlyLoadPlanner", "save", "load",
            "async_save_thread", "async_save", "DeviceSnapshotStager", "process_mode_unavailable", "AsyncHandle",
-           "read_metadata", "describe", "Stateful"]
+           "read_metadata", "describe", "unsafe_failure", "Stateful"]
+
+
+class _LocalWriter(ParentWatchingMixin, FileSystemWriter):
+    """DCP's writer; in process mode, the daemon that unpickles it exits when the trainer dies."""
+
+
+class _FsspecWriter(ParentWatchingMixin, FsspecWriter):
+    """The same for object stores."""
 
 
 def make_writer(path: str, is_local: bool, storage_options: Mapping[str, Any]):
     if is_local:
         # sync_files: every shard is fsynced before DCP reports it written, so rank 0's
         # ``.metadata`` (and our marker after it) never points at data still in a page cache.
-        return FileSystemWriter(path, single_file_per_rank=True, sync_files=True)
+        return _LocalWriter(path, single_file_per_rank=True, sync_files=True)
     # Object stores: a closed PUT is durable; fsync would only fall back to os.sync().
-    return FsspecWriter(path, single_file_per_rank=True, sync_files=False, **dict(storage_options))
+    return _FsspecWriter(path, single_file_per_rank=True, sync_files=False, **dict(storage_options))
+
+
+class _SafeMetadataMixin:
+    """``read_metadata`` through :func:`checkpointing.safe_pickle.load_dcp_metadata` instead of
+    ``pickle.load``: DCP unpickles ``.metadata`` before any load planner runs, so this is the only
+    place a crafted one can be stopped. Otherwise what DCP's own ``read_metadata`` does."""
+
+    _where: str = ""
+    _vetted = None  # the global Metadata once read: DCP reads it again inside load (see ``load``)
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        rank = kwargs.get("rank")
+        if rank is None and self._vetted is not None:
+            metadata = self._vetted
+        else:
+            metadata = self._read_metadata_file(rank)
+            if rank is None:
+                self._vetted = metadata
+        if hasattr(metadata, "storage_meta"):
+            if metadata.storage_meta is None:
+                from torch.distributed.checkpoint.metadata import StorageMeta
+
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+    def _read_metadata_file(self, rank: Optional[int]):
+        path = dcp_metadata_path(self, rank)
+        name = str(path).rsplit("/", 1)[-1]
+        where = f"{self._where.rstrip('/')}/{name}" if self._where else str(path)
+        with self.fs.create_stream(path, "rb") as stream:
+            return safe_pickle.load_dcp_metadata(stream, where)
+
+
+class _SafeFileSystemReader(_SafeMetadataMixin, FileSystemReader):
+    pass
+
+
+class _SafeFsspecReader(_SafeMetadataMixin, FsspecReader):
+    pass
 
 
 def make_reader(path: str, is_local: bool, storage_options: Mapping[str, Any]):
-    if is_local:
-        return FileSystemReader(path)
-    return FsspecReader(path, **dict(storage_options))
+    """A DCP reader for ``path`` that refuses a ``.metadata`` holding anything but DCP metadata."""
+    reader = _SafeFileSystemReader(path) if is_local else _SafeFsspecReader(path, **dict(storage_options))
+    reader._where = str(path)
+    return reader
 
 
 class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
@@ -89,6 +143,11 @@ def save(state: Mapping[str, Any], writer, process_group=None) -> None:
 
 
 def load(state: Mapping[str, Any], reader, process_group=None) -> None:
+    # Vet .metadata before DCP does: DCP turns any read_metadata failure into an AssertionError
+    # string (and then tries rank-local metadata), losing UnsafeCheckpointError. The reader keeps
+    # what it read, so DCP's own read costs nothing more.
+    if isinstance(reader, _SafeMetadataMixin):
+        reader.read_metadata()
     with _quiet_no_dist():
         dcp.load(state, storage_reader=reader, planner=WeightsOnlyLoadPlanner(),
                  process_group=process_group, no_dist=_no_dist())
@@ -269,8 +328,22 @@ def async_save(state: Mapping[str, Any], writer, process_group=None, mode: str =
 
 
 def read_metadata(path: str, is_local: bool, storage_options: Mapping[str, Any]):
-    """DCP's ``.metadata`` (a pickled ``Metadata`` written by DCP itself; DCP's own format)."""
+    """DCP's ``.metadata`` (a pickled ``Metadata``), read without running code from it."""
     return make_reader(path, is_local, storage_options).read_metadata()
+
+
+def unsafe_failure(exc: BaseException) -> Optional[UnsafeCheckpointError]:
+    """The UnsafeCheckpointError behind ``exc``, if any: DCP wraps what a rank raised inside a
+    load step (our ``read_metadata`` included) in a CheckpointException, per rank."""
+    if isinstance(exc, UnsafeCheckpointError):
+        return exc
+    failures = getattr(exc, "failures", None)
+    if isinstance(exc, CheckpointException) and isinstance(failures, dict):
+        for _, wrapped in sorted(failures.items()):
+            inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+            if isinstance(inner, UnsafeCheckpointError):
+                return inner
+    return None
 
 
 def describe(exc: BaseException) -> str:

@@ -18,8 +18,9 @@ import json
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from checkpointing import _dcp, commit, layout
+from checkpointing import _dcp, commit, layout, safe_pickle
 from checkpointing.engine_state import check_files
+from checkpointing.errors import CheckpointError
 from checkpointing.filecheck import check_listed_files
 from checkpointing.storage import Storage
 
@@ -101,7 +102,16 @@ def verify_step(st: Storage, d: str) -> List[str]:
             problems.append(f"{name}: {type(e).__name__}: {e}")
     engine = (found.get(layout.META_FILE) or {}).get("engine")
     if engine:  # an engine's own format (DeepSpeed): the files meta.json lists, sizes and reads
-        return problems + check_files(st, d, engine, read=True)
+        problems += check_files(st, d, engine, read=True)
+        if engine.get("format") == "deepspeed" and st.is_local:  # what its torch.load would run
+            for rel in sorted(engine.get("files") or {}):
+                if rel.endswith(".pt") and not any(p.startswith(rel + ":") for p in problems):
+                    try:
+                        safe_pickle.check_torch_file(st.native(layout.join(d, rel)), rel,
+                                                     safe_pickle.DEEPSPEED_GLOBALS)
+                    except CheckpointError as e:
+                        problems.append(str(e))
+        return problems
     try:
         md = _dcp.read_metadata(st.native(d), st.is_local, st.storage_options)
     except Exception as e:  # noqa: BLE001

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping
 
 from checkpointing import layout
 from checkpointing.filecheck import check_listed_files
+from checkpointing.safe_pickle import DEEPSPEED_GLOBALS, check_torch_file
 from checkpointing.storage import Storage
 
 OUR_FILES = (layout.META_FILE, layout.TRAINER_STATE_FILE, layout.COMMIT_MARKER)
@@ -48,6 +49,10 @@ class EngineState(abc.ABC):
     def expected_files(self, world_size: int) -> List[str]:
         """Relative paths that must exist after a save at ``world_size`` ranks."""
         return []
+
+    def check_safe(self, step_dir: str) -> None:
+        """Before ``load``: raise UnsafeCheckpointError when a file the engine would read could run
+        code when read (the engine's own reader may unpickle anything)."""
 
     def describe(self, step_dir: str, world_size: int) -> Dict[str, Any]:
         """Rank 0, after every rank's save returned: meta.json's ``engine`` entry. Raises when an
@@ -120,6 +125,18 @@ class DeepSpeedState(EngineState):
         else:
             out.append(f"{self.TAG}/mp_rank_00_model_states.pt")
         return out
+
+    def check_safe(self, step_dir: str) -> None:
+        """DeepSpeed reads its files with ``torch.load(weights_only=False)``. Every file in the tag
+        directory is read first with torch's ``weights_only`` unpickler plus DeepSpeed's own
+        checkpoint classes (memory-mapped: only the pickles are read), so a crafted file is refused
+        before DeepSpeed touches it. A file swapped between this check and DeepSpeed's read is
+        outside what this covers."""
+        tag_dir = os.path.join(step_dir, self.TAG)
+        for root, _, names in os.walk(tag_dir):
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                check_torch_file(full, full, DEEPSPEED_GLOBALS)
 
     def save(self, step_dir: str) -> None:
         self.engine.save_checkpoint(step_dir, tag=self.TAG, client_state={}, save_latest=False)

@@ -19,10 +19,10 @@ from typing import Any, Dict, List, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from checkpointing import _dcp, commit, layout, resume, retention
+from checkpointing import _dcp, commit, disk_space, layout, resume, retention
 from checkpointing.config import CheckpointConfig
 from checkpointing.engine_state import EngineState, check_files
-from checkpointing.errors import CheckpointError
+from checkpointing.errors import CheckpointError, UnsafeCheckpointError
 from checkpointing.save_result import SaveResult
 from checkpointing.storage import Storage
 from checkpointing.upload import Uploader
@@ -75,6 +75,7 @@ class CheckpointManager:
         self._handle: Optional[_dcp.AsyncHandle] = None
         self._record: Optional[SaveResult] = None  # the in-flight async save's (growing) record
         self._last: Optional[SaveResult] = None  # the last save that finished (or failed)
+        self._need: Optional[int] = None  # rank 0: estimated bytes of the save in progress
         self._async_mode = self._resolve_async_mode(cfg.async_mode)
         self.uploader: Optional[Uploader] = None
         if cfg.upload_root:
@@ -156,13 +157,18 @@ class CheckpointManager:
     def _save(self, step: int, state: Mapping[str, Any], meta: Optional[Mapping[str, Any]],
               trainer_state: Optional[Mapping[str, Any]], t0: float) -> SaveResult:
         path = self.step_path(step)
-        prep = self._broadcast_from_0(self._prepare_step_dir(path) if self.rank == 0 else None)
+        engine = isinstance(state, EngineState)  # the engine writes its own format (DeepSpeed)
+        # rank 0 sizes the checkpoint (before the first save and each one after) against free space
+        need = None
+        if self.rank == 0:
+            need = (disk_space.newest_size(self.storage, self.run_dir) if engine
+                    else disk_space.estimate_state_bytes(state))
+        prep = self._broadcast_from_0(self._prepare_step_dir(path, need) if self.rank == 0 else None)
         if prep["error"]:
             raise CheckpointError(f"saving checkpoint {path} failed before writing: {prep['error']}")
         if prep["committed"]:
             log.info("checkpoint %s is already committed; not saving it again", path)
             return SaveResult(path, step, 0.0, -1, committed=True, mode=self._async_mode)
-        engine = isinstance(state, EngineState)  # the engine writes its own format (DeepSpeed)
         if engine:
             self._check_engine_target(state)
         else:
@@ -189,6 +195,8 @@ class CheckpointManager:
                 _dcp.save(plain, writer, self.process_group)
         except _dcp.ERRORS as e:  # noqa: BLE001 - re-raised below on every rank, with the path
             error = _dcp.describe(e)
+            if disk_space.is_out_of_space(e) and not disk_space.is_out_of_space(error):
+                error = f"No space left on device: {error}"  # the ENOSPC was deeper in the chain
         # The barrier: every rank's shards are durable (fsynced) once all ranks are past it.
         errors = self._all_errors(error)
         if not errors and self.rank == 0:
@@ -204,6 +212,8 @@ class CheckpointManager:
                 nbytes = self.storage.tree_size(path)
             except Exception as e:  # noqa: BLE001 - the commit stands; the size is a statistic
                 log.warning("could not size %s: %s: %s", path, type(e).__name__, e)
+        if errors and self.rank == 0 and any(disk_space.is_out_of_space(e) for e in errors):
+            errors = [self._no_space(path, errors[0])]
         status = self._broadcast_from_0({"errors": errors, "bytes": nbytes} if self.rank == 0 else None)
         if status["errors"]:
             raise CheckpointError(f"saving checkpoint {path} failed (left uncommitted): "
@@ -235,6 +245,16 @@ class CheckpointManager:
         errors = self._all_errors("; ".join(problems) if problems else None)
         if errors:
             raise CheckpointError(f"{state.format} checkpoint {path} is damaged: " + "; ".join(errors))
+        refusal = None
+        try:
+            state.check_safe(st.native(path))
+        except CheckpointError as e:
+            refusal = {"unsafe": isinstance(e, UnsafeCheckpointError), "error": str(e)}
+        refusals = [r for r in self._gather(refusal) if r]
+        if refusals:  # every rank raises, before any collective inside the engine's load
+            kind = UnsafeCheckpointError if any(r["unsafe"] for r in refusals) else CheckpointError
+            raise kind(f"{state.format} checkpoint {path} refused: " + "; ".join(
+                sorted({r["error"] for r in refusals})))
         state.load(st.native(path), meta)
 
     def _start_async(self, path, step, plain, writer, full_meta, trainer_state, t0) -> SaveResult:
@@ -286,9 +306,10 @@ class CheckpointManager:
         if self.uploader is not None:
             self.uploader.submit(step)
 
-    def _prepare_step_dir(self, path: str) -> Dict[str, Any]:
+    def _prepare_step_dir(self, path: str, need: Optional[int] = None) -> Dict[str, Any]:
         """Rank 0, before any rank writes: is the step already committed? Else clear leftovers of a
-        save that died there, so no stale shard survives next to the new ones."""
+        save that died there, so no stale shard survives next to the new ones; then refuse the save
+        when ``need`` bytes do not fit on a local target (removing the empty step directory)."""
         try:
             if commit.is_committed(self.storage, path):
                 return {"committed": True, "error": None}
@@ -296,9 +317,25 @@ class CheckpointManager:
                 log.warning("removing uncommitted leftovers at %s before saving there", path)
                 self.storage.rm_tree(path)
             self.storage.makedirs(path)
+            self._need = need
+            free = disk_space.free_bytes(self.storage.native(path)) if self.storage.is_local else None
+            if need and free is not None and need > free:
+                self.storage.rm_tree(path)
+                return {"committed": False, "error": disk_space.no_space_message(path, need, free)}
             return {"committed": False, "error": None}
         except Exception as e:  # noqa: BLE001 - raised on every rank by the caller
             return {"committed": False, "error": f"{type(e).__name__}: {e}"}
+
+    def _no_space(self, path: str, failure: str, cleanup: bool = True) -> str:
+        return disk_space.explain_failure(self.storage, path, self._need, failure, cleanup)
+
+    def _gather(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj`` on every rank (``[obj]`` without a process group)."""
+        if not self._distributed:
+            return [obj]
+        gathered: List[Any] = [None] * dist.get_world_size(self.process_group)
+        dist.all_gather_object(gathered, obj, group=self.process_group)
+        return gathered
 
     def _all_errors(self, error: Optional[str]) -> List[str]:
         """Barrier that also tells rank 0 whether any rank failed to write its shards."""
@@ -337,6 +374,8 @@ class CheckpointManager:
             res = fut.result()
         except _dcp.ERRORS as e:
             record.error = _dcp.describe(e)
+            if disk_space.is_out_of_space(e):
+                record.error = self._no_space(record.path, record.error, cleanup=self.rank == 0)
             record.committed = False
             record.commit_s = 0.0
             err = CheckpointError(f"async save of {record.path} failed (left uncommitted): {record.error}")
@@ -392,6 +431,9 @@ class CheckpointManager:
         except CheckpointError:
             raise
         except _dcp.ERRORS as e:
+            unsafe = _dcp.unsafe_failure(e)
+            if unsafe is not None:
+                raise UnsafeCheckpointError(f"loading checkpoint {path} refused: {unsafe}") from None
             raise CheckpointError(f"loading checkpoint {path} failed: {_dcp.describe(e)}") from e
         meta["trainer_state"] = trainer_state
         meta["path"] = path
@@ -420,6 +462,9 @@ class CheckpointManager:
         to load is skipped with a warning naming it and the next older one is tried; if committed
         checkpoints exist and all fail, CheckpointError (never a silent fresh start). Returns the
         loaded checkpoint's meta (see ``load``), or None for a fresh start."""
+        if self.rank == 0:
+            disk_space.warn_capacity(self.storage, self.run_dir, state, self.cfg.keep_last,
+                                     engine=isinstance(state, EngineState))
         candidates = resume.resume_candidates(self.cfg.resume, self.run_dir, self.storage,
                                               self.storage_options)
         if self.cfg.resume == resume.AUTO and self.uploader is not None:
@@ -434,6 +479,8 @@ class CheckpointManager:
         for path in candidates:
             try:
                 meta = self.load(path, state)
+            except UnsafeCheckpointError:
+                raise  # a crafted file: stop for a person to look, never fall back past it
             except CheckpointError as e:
                 log.warning("skipping checkpoint %s: %s; trying the next older one", path, e)
                 failures.append(str(e))

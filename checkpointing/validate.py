@@ -10,6 +10,7 @@ from typing import List
 
 from checkpointing.config import CheckpointConfig
 from checkpointing.errors import ConfigError
+from checkpointing.urls import check_url
 
 ASYNC_MODES = ("off", "thread", "process")
 ON_SAVE_ERROR = ("continue", "stop")
@@ -29,10 +30,12 @@ def validate_checkpoint_config(cfg: CheckpointConfig) -> None:
     on_error = cfg.on_save_error
     if on_error not in ON_SAVE_ERROR:
         raise ConfigError(f"checkpoint.on_save_error={on_error!r} must be one of {', '.join(ON_SAVE_ERROR)}")
+    check_url("checkpoint.root", cfg.root or "")
+    if "://" in (cfg.resume or ""):
+        check_url("checkpoint.resume", cfg.resume)
     upload_root = cfg.upload_root or ""
-    if upload_root and "://" not in upload_root:
-        raise ConfigError(f"checkpoint.upload_root={upload_root!r} must be a URL such as "
-                          "s3://bucket/prefix (or empty for one tier)")
+    if upload_root:
+        check_url("checkpoint.upload_root", upload_root, remote_only=True)
     if upload_root and "://" in (cfg.root or ""):
         raise ConfigError(f"checkpoint.upload_root is set but checkpoint.root={cfg.root!r} is already "
                           "remote: two tiers means a local (or FSx) root plus an s3:// upload_root")

@@ -36,8 +36,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["grouped_mm", "grouped_mm_fn", "has_grouped_mm", "grouped_mm_dims_ok", "index_select_1d",
-           "index_select_rows", "cuda_capability", "all_to_all_single_autograd", "foreach_mul_",
+__all__ = ["dcp_metadata_path", "grouped_mm", "grouped_mm_fn", "has_grouped_mm", "grouped_mm_dims_ok",
+           "index_select_1d", "index_select_rows", "cuda_capability", "all_to_all_single_autograd", "foreach_mul_",
            "dump_flight_recorder_trace", "dtensor_local", "fsspec_reader_writer", "dynamo_reset",
            "raise_dynamo_recompile_limits"]
 
@@ -207,6 +207,16 @@ def fsspec_reader_writer() -> Tuple[type, type]:
     except ImportError:  # pragma: no cover - older layouts
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
     return FsspecReader, FsspecWriter
+
+
+def dcp_metadata_path(reader, rank: Optional[int] = None):
+    """Where a DCP ``FileSystemReader``/``FsspecReader`` reads its ``.metadata`` (``rank``: the
+    rank-local ``__<rank>.metadata`` of checkpoints saved without collectives). The private
+    ``_get_metadata_path`` arrived with rank-local metadata; before it there was one file."""
+    get = getattr(reader, "_get_metadata_path", None)
+    if get is not None:
+        return get(rank)
+    return reader.fs.concat_path(reader.path, ".metadata")  # pragma: no cover - older DCP
 
 
 def dynamo_reset() -> None:

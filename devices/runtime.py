@@ -63,4 +63,6 @@ def resolve_runtime(device: str, precision: str, local_rank: int = 0) -> Runtime
         # bf16 autocast on GPU; fp32 on CPU keeps the embedded default exact and portable
         # (bf16 is fast only on CPUs with AMX).
         precision = "bf16" if dev.type == "cuda" else "fp32"
-    return Runtime(dev, torch.bfloat16 if precision == "bf16" else None)
+    # fp8: bf16 autocast around the fp8 modules (model/fp8.py); the rest of the step is bf16's.
+    return Runtime(dev, torch.bfloat16 if precision in ("bf16", "fp8") else None)
+

@@ -24,6 +24,7 @@ from torch import nn
 import math
 
 from compat.torch_compat import grouped_mm, has_grouped_mm, index_select_1d
+from moe.fp8_experts import fp8_swiglu
 from moe.shared import trunc_normal_fp32_
 
 __all__ = ["GroupedExperts", "IMPLS"]
@@ -47,6 +48,10 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
         self.n_experts, self.d_model, self.expert_dim, self.impl = n_experts, d_model, expert_dim, impl
         self.capacity_factor = capacity_factor  # the layer's; sizes the padded path's slots
+        # Set by model.fp8.convert_to_fp8 (trainer.precision=fp8): the grouped path then runs its
+        # GEMMs through this fp8 grouped GEMM on 16-row-aligned groups (moe/fp8_experts.py; CPU
+        # tests set a plain grouped GEMM to check the layout). None = GEMMs in the compute dtype.
+        self.fp8_mm = None
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, expert_dim))  # gate
         self.w3 = nn.Parameter(torch.empty(n_experts, d_model, expert_dim))  # up
         self.w2 = nn.Parameter(torch.empty(n_experts, expert_dim, d_model))  # down
@@ -72,6 +77,8 @@ class GroupedExperts(nn.Module):
         # the experts would run in fp32 (and, compiled, fall back to the loop) under bf16 autocast.
         x_ND = x_ND.to(compute_dtype(x_ND))
         impl = self.resolve_impl(x_ND)
+        if impl == "grouped_mm" and self.fp8_mm is not None:
+            return fp8_swiglu(x_ND, self.w1, self.w3, self.w2, tokens_per_expert_E, self.fp8_mm)
         if impl == "grouped_mm":
             return self._forward_grouped(x_ND, tokens_per_expert_E)
         if impl == "padded":

@@ -15,6 +15,7 @@ from cost.config import ClusterConfig, CostConfig
 from devices.config import NeuronConfig
 from health.config import HealthConfig
 from model.config import ModelConfig
+from model.fp8 import Fp8Config
 from parallelism.config import DeepSpeedConfig, ParallelConfig
 from train.data.config import DataConfig
 
@@ -37,7 +38,8 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     ac_policy: str = "full"  # full: recompute each block | selective: keep matmul/attention outputs
     ac_every: int = 1  # checkpoint every N-th block (1 = all)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | fp8 (SM89+, model/fp8.py)
+    fp8: Fp8Config = field(default_factory=Fp8Config)  # read only with precision=fp8
     device: str = "auto"  # auto | cpu | cuda | neuron (Trainium, torch-neuronx) | xla (any torch-xla device)
     grad_clip: float = 1.0
     early_stop_patience: int = 0  # evals without val-loss improvement before stopping; 0 = off

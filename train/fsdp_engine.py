@@ -3,15 +3,36 @@ AdamW in ``train.step.train_step``, DCP checkpoints that reshard across world si
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from model.fp8 import Fp8Report, convert_to_fp8
 from parallelism.parallelize import ParallelizeResult
+from parallelism.process_group import DistContext
 from devices.runtime import Runtime
-from train.config import TrainConfig
+from train.config import TrainConfig, TrainerConfig
 from train.optim import build_optimizer
 from train.step import StepInputs, StepResult, train_step
+
+log = logging.getLogger("moeforge")
+
+
+def convert_precision(model: torch.nn.Module, trainer_cfg: TrainerConfig, device: torch.device,
+                      ctx: DistContext) -> Optional[Fp8Report]:
+    """``trainer.precision=fp8``: the fp8 surgery (model/fp8.py) on the meta-built model, before
+    ``parallelize``; logs and returns its report (None for other precisions). FSDP2 all-gathers the
+    fp8 weights in fp8 where torchao supports it (tensorwise, more than one rank)."""
+    if trainer_cfg.precision != "fp8":
+        return None
+    from compat.torch_compat import cuda_capability
+
+    capability = cuda_capability(device) if device.type == "cuda" else None
+    report = convert_to_fp8(model, trainer_cfg.fp8, capability=capability, fsdp_float8_all_gather=ctx.world_size > 1)
+    if ctx.rank == 0:
+        log.info("%s; kept in bf16: %s", report.summary(), sorted(set(report.kept.values())))
+    return report
 
 
 class FSDP2Engine:
@@ -33,6 +54,7 @@ class FSDP2Engine:
         from parallelism.parallelize import parallelize
 
         t = cfg.trainer
+        convert_precision(model, t, runtime.device, ctx)  # trainer.precision=fp8: before compile and FSDP
         fsdp_bf16 = ctx.world_size > 1 and runtime.amp_dtype is not None
         parallel = parallelize(model, cfg.parallel, ctx, runtime.device_type,
                                param_dtype=runtime.amp_dtype if fsdp_bf16 else None,

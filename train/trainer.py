@@ -322,7 +322,8 @@ class Trainer:
         log.info("run %s: model %s (%.2fM params, %.2fM active), %s, device %s%s, world size %d",
                  self.run_name, cfg.model.name, total_params(cfg.model) / 1e6,
                  matmul_params(cfg.model) / 1e6, self.data_info.get("description", cfg.data.source),
-                 self.runtime.device, " bf16" if self.runtime.amp_dtype else " fp32", self.ctx.world_size)
+                 self.runtime.device, f" {cfg.trainer.precision}" if cfg.trainer.precision == "fp8"
+                 else " bf16" if self.runtime.amp_dtype else " fp32", self.ctx.world_size)
         log.info("run directory: %s (metrics.jsonl, config.yaml, rank*.log, step_* checkpoints)", self.run_dir)
 
     def _log(self, result, val_loss, window, tokens_per_step) -> None:

@@ -14,7 +14,7 @@ from train.config import TrainConfig
 from train.data.config import validate_data_config
 
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32", "fp8")
 DEVICES = ("auto", "cpu", "cuda", "neuron", "xla")
 
 
@@ -67,6 +67,8 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(f"trainer.precision={t.precision!r} must be one of {PRECISIONS}")
     if t.device not in DEVICES:
         _fail(f"trainer.device={t.device!r} must be one of {DEVICES}")
+    if t.precision == "fp8":
+        _validate_fp8(cfg)
     from devices.neuron_env import xla_config_errors
 
     for error in xla_config_errors(cfg, world_size):  # trainer.device=neuron|xla only
@@ -106,10 +108,10 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(error)
     from parallelism.validate import parallel_errors
 
+    if p.engine == "deepspeed":  # first: its refusals (e.g. of EP) say more than the layout rules
+        _validate_deepspeed(cfg, world_size)
     for error in parallel_errors(p, world_size, cfg.model.moe.n_experts):
         _fail(error)
-    if p.engine == "deepspeed":
-        _validate_deepspeed(cfg, world_size)
 
 
 def _validate_deepspeed(cfg: TrainConfig, world_size: int) -> None:
@@ -126,3 +128,22 @@ def _validate_deepspeed(cfg: TrainConfig, world_size: int) -> None:
         _fail(error)
     if importlib.util.find_spec("deepspeed") is None:
         _fail(f"parallel.engine=deepspeed needs DeepSpeed, which is not installed: {INSTALL_HINT}")
+
+
+def _validate_fp8(cfg: TrainConfig) -> None:
+    """``trainer.precision=fp8``: a CUDA GPU of compute capability >= 8.9 (probed here, on the device
+    this rank will use), compile on, torchao installed, the FSDP2 engine."""
+    import importlib.util
+
+    import torch
+
+    from model.fp8 import fp8_errors
+
+    t = cfg.trainer
+    capability = None
+    if t.device in ("auto", "cuda") and torch.cuda.is_available():
+        capability = tuple(torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", "0"))))
+    for error in fp8_errors(t.precision, t.fp8, capability, t.compile, importlib.util.find_spec("torchao") is not None):
+        _fail(error)
+    if cfg.parallel.engine != "fsdp2":
+        _fail(f"trainer.precision=fp8 runs on parallel.engine=fsdp2 only (got {cfg.parallel.engine!r})")

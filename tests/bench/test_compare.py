@@ -56,6 +56,7 @@ def test_every_variant_has_a_throughput(payloads, model):
         assert p["precision"] == "fp32"
     assert p["ratios"]["eager"] > 0
     assert p["flops_per_token"] > 0 and p["seq"] == 64 and p["batch"] == 2
+    assert p["peer_tf32"] == "on"
 
 
 @pytest.mark.slow

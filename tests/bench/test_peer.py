@@ -46,3 +46,50 @@ def test_gemma3_mapping_refuses_what_gemma3_cannot_express():
     cfg = preset("gemma3_swa_1b", attention={"qk_norm": False})
     with pytest.raises(PeerConfigError, match="qk_norm"):
         gemma3_text_config(cfg)
+
+
+def test_peer_recipe_is_the_users_build():
+    """The peer as issue 19's recipe builds it: fp32 weights, sdpa, grouped-GEMM experts, the WHOLE
+    model under one torch.compile (not per layer), a plain AdamW over every parameter."""
+    from bench.peer import peer_recipe
+
+    cfg = model_config("dsv3_mini", tiny=True)
+    r = peer_recipe(cfg, torch.device("cpu"), compile=True)
+    assert r.forward is not r.model and getattr(r.forward, "_orig_mod", None) is r.model
+    assert all(not getattr(layer, "_compiled_call_impl", None) for layer in r.model.model.layers)
+    assert {p.dtype for p in r.model.parameters()} == {torch.float32}
+    assert r.info["attn_implementation"] == "sdpa" and r.info["experts_implementation"] == "grouped_mm"
+    assert isinstance(r.optimizer, torch.optim.AdamW)
+    assert sum(len(g["params"]) for g in r.optimizer.param_groups) == len(list(r.model.parameters()))
+    eager = peer_recipe(cfg, torch.device("cpu"), compile=False)
+    assert eager.forward is eager.model and eager.info["compile"] == "none"
+    layers = peer_recipe(cfg, torch.device("cpu"), compile=True, layer_compile=True)
+    assert layers.forward is layers.model and "per decoder layer" in layers.info["compile"]
+
+
+def test_peer_loss_is_transformers_own_shifted_loss():
+    """``labels=input_ids``: transformers shifts inside; equal to cross-entropy of logits[:, :-1]
+    against tokens[:, 1:]."""
+    from bench.peer import peer_loss, peer_recipe
+
+    cfg = model_config("llama_1b", tiny=True)
+    r = peer_recipe(cfg, torch.device("cpu"), compile=False)
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss = peer_loss(r.forward, x)
+    logits = r.model(input_ids=x, use_cache=False).logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size).float(), x[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert all(p.grad is not None for p in r.model.parameters() if p.requires_grad)
+
+
+def test_tf32_matmul_is_set_inside_and_restored_after():
+    from bench.peer import tf32_matmul
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    with tf32_matmul(not before):
+        assert torch.backends.cuda.matmul.allow_tf32 == (not before)
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    with pytest.raises(RuntimeError), tf32_matmul(not before):
+        raise RuntimeError("a failed variant")
+    assert torch.backends.cuda.matmul.allow_tf32 == before

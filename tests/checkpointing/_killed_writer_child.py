@@ -4,13 +4,11 @@ after its shard is on disk, print WRITING, and wait to be SIGKILLed."""
 import sys
 import time
 
-from torch.distributed.checkpoint import FileSystemWriter
-
 from checkpointing import CheckpointManager, _dcp
 from tests.checkpointing.helpers import Cfg, make, state_of, train_steps
 
 
-class StallingWriter(FileSystemWriter):
+class StallingWriter(_dcp._LocalWriter):
     def write_data(self, plan, planner):
         fut = super().write_data(plan, planner)  # the shard file is written (and fsynced) here
         print("WRITING", flush=True)
@@ -25,7 +23,7 @@ def main(out_dir: str) -> None:
     mgr.save(1, state_of(model, opt), meta={"tokens": 1})
     print("COMMITTED 1", flush=True)
     train_steps(model, opt, 1)
-    _dcp.FileSystemWriter = StallingWriter  # the manager builds its writer through _dcp
+    _dcp._LocalWriter = StallingWriter  # the manager builds its writer through _dcp.make_writer
     mgr.save(2, state_of(model, opt), meta={"tokens": 2})
     print("UNREACHABLE", flush=True)
 

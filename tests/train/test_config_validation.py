@@ -33,7 +33,7 @@ def test_defaults_validate():
     (["optim.lr=0"], 1, "optim.lr=0.0 must be > 0"),
     (["optim.schedule=exp"], 1, "optim.schedule='exp' must be one of"),
     (["trainer.max_steps=0"], 1, "trainer.max_steps=0 must be >= 1"),
-    (["trainer.precision=fp8"], 1, "trainer.precision='fp8'"),
+    (["trainer.precision=fp16"], 1, "trainer.precision='fp16' must be one of"),
     (["checkpoint.keep_last=0"], 1, "checkpoint.keep_last=0 must be >= 1"),
     (["checkpoint.async_mode=always"], 1, "checkpoint.async_mode='always'"),
     (["parallel.dp_replicate=2", "parallel.dp_shard=2"], 2, "must equal the world size (2)"),
@@ -65,6 +65,34 @@ def test_command_line_error_is_clean_and_fails_before_training(tmp_path):
     assert "config error: optim.lr=-1.0 must be > 0" in p.stderr
     assert "Traceback" not in p.stderr
     assert not any(tmp_path.iterdir())  # nothing was created
+
+
+def _fp8_capable() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def test_fp8_on_a_machine_without_fp8_fails_at_validation_with_exit_2(tmp_path):
+    """trainer.precision=fp8 on a CPU (or a GPU below SM89): exit 2 before anything is created,
+    naming the key and the requirement."""
+    if _fp8_capable():
+        pytest.skip("this machine has an fp8 GPU: the refusal is for CPUs and GPUs below SM89")
+    p = run_train("trainer.precision=fp8", "trainer.compile=true", f"output_dir={tmp_path}", check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "config error: trainer.precision=fp8 needs a CUDA GPU with compute capability >= 8.9" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.fp8.recipe=blockwise"], "trainer.fp8.recipe='blockwise' must be one of ('tensorwise', 'rowwise')"),
+    (["trainer.compile=false"], "trainer.precision=fp8 needs trainer.compile=true"),
+])
+def test_fp8_keys_are_validated(overrides, message):
+    cfg = typed("trainer.precision=fp8", "trainer.compile=true", *overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_train_config(cfg, world_size=1)
 
 
 def test_run_name_is_stable_and_ignores_how_long_and_how_often():

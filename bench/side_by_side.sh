@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 19's side-by-side on one GPU, in one call: the Hugging Face peer as its users build it
+# (`python -m bench compare --variants peer_compiled`) and our user command
+# (`python -m train experiment=gpu_<model>`) in bf16 and fp8, one model after the other.
+# The user-command runs double as the numerics runs (same seed, same data, STEPS steps; their
+# metrics.jsonl are the loss curves; `python -m bench curves` compares and plots them).
+# Run from the repository root; wheels the image lacks (hydra-core, omegaconf, antlr4, torchao)
+# may be supplied in .whl/. Everything lands in /tmp/sbs and is packed into $OUT/sbs.tgz after
+# every stage (a time limit loses at most the stage it cut).
+set -uo pipefail
+OUT=${OUT:-bench_out}; mkdir -p "$OUT"; R=/tmp/sbs; mkdir -p $R
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+STEPS=${STEPS:-150}; SPECS=${SPECS:-"dsv3_mini:16 llama_1b:8"}; PRECS=${PRECS:-"bf16 fp8"}
+PEER_VARIANTS=${PEER_VARIANTS:-peer_compiled}
+pack() { tar czf "$OUT/sbs.tgz" -C $R . ; }
+python3 -c "import torch, transformers, torchao; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'torchao', torchao.__version__, torch.cuda.get_device_name())" 2>&1 | grep -v "Failed to load" | tee $R/versions.txt
+for spec in $SPECS; do
+  m=${spec%%:*}; b=${spec##*:}
+  echo "=== peer $m b$b $(date +%T)"
+  timeout ${PEER_TIMEOUT:-240} python3 -m bench compare --model $m --batch $b --variants $PEER_VARIANTS \
+    --steps 5 --warmup 2 ${PEER_ARGS:-} --out $R > $R/peer_$m.txt 2>&1; echo "peer $m rc=$?"
+  grep -E "^\| peer|^peer:" $R/peer_$m.txt | cut -c1-600; pack
+  for prec in $PRECS; do
+    echo "=== train $m $prec $(date +%T)"
+    timeout ${TRAIN_TIMEOUT:-240} python3 -m train experiment=gpu_$m trainer.precision=$prec trainer.max_steps=$STEPS \
+      output_dir=/tmp/mf_runs run_name=${m}_$prec health.preflight=off checkpoint.save_final=false \
+      > $R/train_${m}_$prec.txt 2>&1; echo "train $m $prec rc=$?"
+    cp /tmp/mf_runs/${m}_$prec/metrics.jsonl $R/metrics_${m}_$prec.jsonl 2>/dev/null
+    grep -E "^fp8|rror|^step=(10|50|100|150|200|300) " $R/train_${m}_$prec.txt | cut -c1-300 | tail -8; pack
+  done
+done
+echo "=== end $(date +%T)"
