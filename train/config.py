@@ -63,6 +63,14 @@ class OptimConfig:
 
 
 @dataclass
+class PrometheusConfig:
+    """Rank 0 serves /metrics (train/prometheus.py, docs/monitoring.md); needs the `prometheus` extra."""
+
+    port: int = 0  # 0 = off; not 8080 (HyperPod EKS's elastic agent owns it)
+    addr: str = "0.0.0.0"  # listen address; 127.0.0.1 to keep it on the node
+
+
+@dataclass
 class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "moeforge"
@@ -73,6 +81,9 @@ class LoggingConfig:
     tensorboard: bool = False
     progress: str = "auto"  # auto (bar on a TTY) | on | off
     jsonl: bool = True
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    # Alerts (moeforge/alerts.py) as a JSON POST {"text": ...} (Slack-compatible) to this URL; "" = off.
+    alert_webhook: str = ""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from moe.balance import routing_stats
 from devices.runtime import Runtime
 from train.config import TrainConfig
 from health.exit_codes import ExitCode
+from moeforge.alerts import alert
 from train.engine import build_engine
 from train.optim import lr_at, set_lr
 from train.step import StepInputs, evaluate
@@ -21,6 +22,7 @@ from train.validate import resolved_micro_batch
 
 log = logging.getLogger("moeforge")
 
+STOP_ALERTS = {ExitCode.PREEMPTED: "preemption", ExitCode.UNHEALTHY: "unhealthy"}  # budget: cost.alert_* levels
 FIRST_STEP_GRACE_S = 900.0  # compile and first-touch allocations: the hang watchdog waits longer
 
 
@@ -36,6 +38,9 @@ class Trainer:
         self.metrics = None
         self._resume_wandb_id = None
         self.saver = None  # train/saving.py, once the checkpoint manager exists
+        from train.ops_metrics import OpsMetrics
+
+        self._ops = OpsMetrics()  # checkpoint age, health flags for the row (Prometheus, dashboards)
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
@@ -232,6 +237,9 @@ class Trainer:
                 self.hr.flags.request(ExitCode.BUDGET_EXHAUSTED, budget)
             # Every rank, every step: one small all-reduce decides together whether to stop.
             stop = self.hr.at_boundary(self.step)
+            if stop is not None and stop.code in STOP_ALERTS:  # the agreed stop: rank 0 alerts once
+                alert(STOP_ALERTS[stop.code], f"step {self.step}: {stop.reason} (exit {stop.code})",
+                      "ERROR" if stop.code == ExitCode.UNHEALTHY else "WARN")
             done = self.step >= t.max_steps or early is not None
             code, reason = (stop.code, stop.reason) if stop else (ExitCode.OK, early or "done")
             final = done or stop is not None
@@ -293,8 +301,10 @@ class Trainer:
             raise RuntimeError(f"non-finite state at step {bad_step} and no committed checkpoint to roll back to")
         self.samples = samples
         self.hr.nan_guard.reset()
-        log.warning("step %d: non-finite %d times in a row; rolled back to the commit at step %d and skipped "
-                    "the data up to sample %d", bad_step, self.cfg.health.nan_max_skips + 1, self.step, samples)
+        msg = (f"step {bad_step}: non-finite {self.cfg.health.nan_max_skips + 1} times in a row; rolled back to "
+               f"the commit at step {self.step} and skipped the data up to sample {samples}")
+        log.warning(msg)
+        alert("nan_rollback", msg)
 
     def _save(self, emergency=None) -> bool:
         """Save this step (train/saving.py); True when it is committed."""
@@ -331,6 +341,7 @@ class Trainer:
         m.update(self.acct.metrics(tokens))
         m.update(self.hr.metrics())
         m.update(self.saver.row_metrics())  # ckpt/stall_s: what checkpointing cost the loop since the last row
+        m.update(self._ops.row(self.ckpt, self.hr))
         if val_loss is not None:
             m["val_loss"] = val_loss
         if result.kd_loss is not None:  # loss= stays the cross-entropy; the objective mixes both

@@ -43,6 +43,10 @@ def resolved_micro_batch(cfg: TrainConfig, world_size: int) -> int:
 def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> None:
     world_size = world_size_from_env() if world_size is None else world_size
     t, o, c, p = cfg.trainer, cfg.optim, cfg.checkpoint, cfg.parallel
+    from train.strict import range_errors, scheme_errors
+
+    for error in range_errors(cfg) + scheme_errors(cfg):  # every numeric key's range; path schemes
+        _fail(error)
     validate_model_config(cfg.model)
     validate_data_config(cfg.data)
     validate_distill_config(cfg.distill)
