@@ -3,7 +3,7 @@ health flags, added to the same metrics row the console line, JSONL, W&B and TB 
 
 - ``checkpoint/last_commit_age_s``: seconds since the newest commit of this run (the marker's
   mtime on a POSIX path, e.g. FSx; on s3:// the moment this process saw the commit);
-  ``checkpoint/stall_s``: how long the loop was blocked by the last save; ``checkpoint/last_ok``:
+  (what a save cost the loop is ``ckpt/stall_s``, train/saving.py); ``checkpoint/last_ok``:
   0 after a failed save.
 - ``health/flag/<kind>``: 1 while a stop is pending for that reason on this rank (``preempted``,
   ``unhealthy``, ``budget``) and ``nonfinite`` while the NaN guard is skipping steps.
@@ -53,7 +53,6 @@ class OpsMetrics:
             if steps:
                 self._note_commit(ckpt, max(steps))
         if stats:
-            out["checkpoint/stall_s"] = float(stats.get("ckpt_blocked_s", 0.0))
             out["checkpoint/last_ok"] = int(stats.get("ckpt_ok", 1))
             if stats.get("ckpt_ok", 1) and stats.get("ckpt_step") is not None:
                 self._note_commit(ckpt, int(stats["ckpt_step"]))

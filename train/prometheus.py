@@ -26,7 +26,7 @@ GAUGES: Dict[str, Tuple[str, str]] = {
     "moeforge_goodput_ettr": ("goodput/ettr", "effective training time ratio (productive / paid time)"),
     "moeforge_checkpoint_last_commit_age_seconds": ("checkpoint/last_commit_age_s",
                                                     "seconds since the newest checkpoint commit"),
-    "moeforge_checkpoint_stall_seconds": ("checkpoint/stall_s", "seconds the loop was blocked by the last save"),
+    "moeforge_checkpoint_stall_seconds": ("ckpt/stall_s", "seconds the loop lost to the last save (its snapshot)"),
 }
 IMBALANCE = ("moeforge_moe_imbalance", re.compile(r"^moe/L(\d+)/imbalance$"),
              "MoE expert load imbalance (max / mean tokens per expert)")

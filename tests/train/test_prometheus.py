@@ -30,7 +30,7 @@ def _scrape(port: int) -> dict:
 def test_snapshot_maps_the_row():
     row = {"loss": 2.5, "tok_s": 100.0, "mfu": None, "spent_usd": 0.5, "goodput/ettr": 0.9, "attempt": 2,
            "moe/L1/imbalance": 1.5, "moe/L2/imbalance": 1.25, "moe/L1/dropped": 3, "health/flag/unhealthy": 0,
-           "checkpoint/last_commit_age_s": 4.0, "checkpoint/stall_s": 0.1, "grad_norm": 1.0}
+           "checkpoint/last_commit_age_s": 4.0, "ckpt/stall_s": 0.1, "grad_norm": 1.0}
     snap = snapshot(7, row)
     assert snap["moeforge_step"] == [({}, 7.0)] and snap["moeforge_loss"] == [({}, 2.5)]
     assert "moeforge_mfu" not in snap  # unknown (CPU): absent, never a fake 0
