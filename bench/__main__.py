@@ -3,8 +3,8 @@
 import sys
 
 SUITES = {"smoke": "bench.smoke", "train": "bench.train_bench", "ckpt": "bench.ckpt_bench",
-          "attn": "bench.attn", "compare": "bench.compare", "split": "bench.split",
-          "curves": "bench.curves"}
+          "ckpt_drill": "bench.ckpt_drill", "attn": "bench.attn", "compare": "bench.compare",
+          "split": "bench.split", "curves": "bench.curves"}
 
 
 def main() -> None:

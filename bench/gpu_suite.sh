@@ -10,7 +10,7 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
-MOE=${MOE:-dsv3_mini}; DENSE=${DENSE:-llama_1b}; SEQ=${SEQ:-2048}; NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+MOE=${MOE:-dsv3_mini}; DRILL_EXP=${DRILL_EXP:-gpu_dsv3_mini}; DENSE=${DENSE:-llama_1b}; SEQ=${SEQ:-2048}; NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 TRAIN_STEPS=${TRAIN_STEPS:-20}; TR=${TR:-"torchrun --nproc-per-node $NGPU --local-addr 127.0.0.1 --master-addr 127.0.0.1 --master-port 29611"}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.csv" 2>&1
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
@@ -40,8 +40,15 @@ for stage in $STAGES; do
           --profile-top 25 --tag "_b$b" --out "${PROFILE_JSON_OUT:-$OUT}" > "$OUT/profile_${m}_b$b.txt" 2>&1; echo "$m b$b rc=$?"
         grep -A25 "^{" "$OUT/profile_${m}_b$b.txt" | cut -c1-400
       done;;
-    ckpt) timeout 240 env CUDA_VISIBLE_DEVICES=0 python3 -m bench ckpt --model $MOE --modes off,thread,process \
-            --saves ${CKPT_SAVES:-2} --out "$OUT" 2>&1 | tail -9;;
+    ckpt) timeout 300 env CUDA_VISIBLE_DEVICES=0 python3 -m bench ckpt --model $MOE --modes process:device,thread:device \
+            --saves ${CKPT_SAVES:-2} --every ${CKPT_EVERY:-50} --out "$OUT" 2>&1 | tail -6;;
+    drill)  # the user command: saves 150 steps apart, a spot notice when none is writing (docs/PERFORMANCE.md)
+      df -h /tmp /dev/shm | tee "$OUT/disk.txt"; rm -rf /tmp/mf_drill
+      timeout ${DRILL_TIMEOUT:-540} env CUDA_VISIBLE_DEVICES=0 python3 -m bench ckpt_drill --notice-at ${NOTICE_AT:-430} \
+        --out "$OUT" -- experiment=$DRILL_EXP trainer.max_steps=3000 trainer.log_every=1 checkpoint.every_steps=${DRILL_EVERY:-150} \
+        checkpoint.keep_last=1 checkpoint.async_mode=${DRILL_MODE:-process} checkpoint.staging=device \
+        checkpoint.write_bandwidth_gbps=1.3 output_dir=/tmp/mf_drill health.preflight=off > "$OUT/drill.txt" 2>&1
+      echo "drill rc=$?"; grep -E "^step=[0-9]*00 |ckpt_stall|emergency|checkpoint due|host buffers|committed in|goodput" "$OUT/drill.txt" | cut -c1-400 | tail -30;;
     health)
       timeout 360 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -4  # ~4 min on an H100 (compiles)
       timeout 90 python3 -m health preflight --expected-gpus $NGPU 2>&1 | tail -14 | tee "$OUT/preflight.txt";;

@@ -1,10 +1,11 @@
 """The one module that knows torch.distributed.checkpoint's version differences and private bits.
 
 Tested on torch 2.13 (CPU) and meant for 2.11 (GPU image): writer/reader construction (a reader
-whose ``.metadata`` goes through a restricted unpickler, a writer that stops DCP's daemon process
-from outliving its trainer), a load planner that refuses pickled objects, ``async_save``'s two
-return types, and the async PROCESS checkpointer with a fresh ``DefaultStager`` per save
-(feature-detected, never version-compared).
+whose ``.metadata`` goes through a restricted unpickler, writers that stop DCP's daemon process
+from outliving its trainer, ``thread_count`` parallel writers), a load planner that refuses pickled
+objects, ``async_save``'s two return types with our own persistent stager
+(checkpointing/snapshot.py), and the async PROCESS checkpointer (feature-detected, never
+version-compared).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ FsspecReader, FsspecWriter = fsspec_reader_writer()
 ERRORS = (Exception, CheckpointException)
 
 __all__ = ["ERRORS", "make_writer", "make_reader", "WeightsOnlyLoadPlanner", "save", "load",
-           "async_save_thread", "async_save", "DeviceSnapshotStager", "process_mode_unavailable", "AsyncHandle",
+           "async_save_thread", "async_save", "process_mode_unavailable", "AsyncHandle",
            "read_metadata", "describe", "unsafe_failure", "Stateful"]
 
 
@@ -49,13 +50,45 @@ class _FsspecWriter(ParentWatchingMixin, FsspecWriter):
     """The same for object stores."""
 
 
-def make_writer(path: str, is_local: bool, storage_options: Mapping[str, Any]):
+class _SlowWriterMixin:
+    """``checkpoint.fault_inject_write_delay_s``: storage that takes that much longer to write, for
+    drills and tests of what a slow save costs the loop (it must cost nothing)."""
+
+    delay_s = 0.0
+
+    def write_data(self, plan, planner):
+        import time
+
+        time.sleep(self.delay_s)
+        return super().write_data(plan, planner)
+
+
+class _SlowLocalWriter(_SlowWriterMixin, _LocalWriter):
+    pass
+
+
+class _SlowFsspecWriter(_SlowWriterMixin, _FsspecWriter):
+    pass
+
+
+def make_writer(path: str, is_local: bool, storage_options: Mapping[str, Any], thread_count: int = 1,
+                delay_s: float = 0.0):
+    """``thread_count`` writers per rank, each with its own file: one stream cannot keep a local
+    NVMe or an S3 multipart upload busy."""
+    threads = max(1, int(thread_count))
     if is_local:
         # sync_files: every shard is fsynced before DCP reports it written, so rank 0's
         # ``.metadata`` (and our marker after it) never points at data still in a page cache.
-        return _LocalWriter(path, single_file_per_rank=True, sync_files=True)
-    # Object stores: a closed PUT is durable; fsync would only fall back to os.sync().
-    return _FsspecWriter(path, single_file_per_rank=True, sync_files=False, **dict(storage_options))
+        cls = _SlowLocalWriter if delay_s > 0 else _LocalWriter
+        w = cls(path, single_file_per_rank=True, sync_files=True, thread_count=threads)
+    else:
+        # Object stores: a closed PUT is durable; fsync would only fall back to os.sync().
+        cls = _SlowFsspecWriter if delay_s > 0 else _FsspecWriter
+        w = cls(path, single_file_per_rank=True, sync_files=False, thread_count=threads,
+                **dict(storage_options))
+    if delay_s > 0:
+        w.delay_s = float(delay_s)
+    return w
 
 
 class _SafeMetadataMixin:
@@ -186,85 +219,6 @@ def process_mode_unavailable() -> Optional[str]:
     return None
 
 
-def _fresh_stager():
-    """A new ``DefaultStager`` for one save, or None where torch has none. Never reused: on torch
-    2.11 a second ``async_save`` through the same stager failed with ``KeyError: <class 'type'>``
-    in ``deepcopy_with_tensor_offload``. Pinned memory and non-blocking copies only with CUDA
-    (pinning needs a CUDA context); shared memory so the daemon process reads the staged copy
-    without another copy; async staging so the trainer is blocked only until ``wait()``."""
-    try:
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-    except ImportError:
-        return None
-    cuda = torch.cuda.is_available()
-    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=True,
-                                        use_async_staging=True, use_non_blocking_copy=cuda))
-
-
-def _map(obj: Any, fn) -> Any:
-    """``fn`` applied to every tensor (DTensors through their local shard) of a nested state."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(obj, DTensor):
-        return DTensor.from_local(fn(obj.to_local()), obj.device_mesh, obj.placements, run_check=False,
-                                  shape=obj.shape, stride=obj.stride())
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, Mapping):
-        return {k: _map(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map(v, fn) for v in obj)
-    return obj
-
-
-class DeviceSnapshotStager:
-    """``checkpoint.staging=device``: stage by copying the state to spare accelerator memory.
-
-    ``stage`` clones every tensor on its own device (a device-to-device copy: ~4 TB/s on an
-    H100/H200, so tens of milliseconds for tens of GB) and waits for that copy only; the trainer
-    may change its parameters right after. A background thread then copies the snapshot to host
-    memory on a side CUDA stream (training kernels keep the default stream) and hands it to DCP's
-    writer, freeing the snapshot. Costs free device memory equal to the local state for the
-    duration of the host copy. Duck-typed ``AsyncStager`` (DCP's protocol: stage / synchronize_staging
-    / close / should_synchronize_after_execute)."""
-
-    _synchronize_after_execute = False
-    should_synchronize_after_execute = False
-
-    def __init__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeforge-d2h")
-        self.snapshot_s = 0.0
-
-    def stage(self, state_dict):
-        import time
-
-        t0 = time.perf_counter()
-        snap = _map(state_dict, lambda t: t.detach().clone())
-        if torch.cuda.is_available():
-            torch.cuda.current_stream().synchronize()  # the snapshot is complete; params may change
-        self.snapshot_s = time.perf_counter() - t0
-        return self._pool.submit(self._to_host, snap)
-
-    @staticmethod
-    def _to_host(snap):
-        if not torch.cuda.is_available():
-            return snap  # already host memory (a CPU run): the clone is the staged copy
-        side = torch.cuda.Stream()
-        with torch.cuda.stream(side):
-            host = _map(snap, lambda t: t.to("cpu") if t.is_cuda else t)
-        side.synchronize()
-        return host
-
-    def synchronize_staging(self) -> None:
-        """Nothing to wait for: ``stage`` returns after the device snapshot is complete, and the host
-        copy is the upload's business (DCP waits on the future ``stage`` returned)."""
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
 class AsyncHandle:
     """One async save in flight: ``staging`` (None once staged / when staging was blocking),
     ``upload`` (DCP's write future), the stager to close after the write, and the mode used."""
@@ -280,51 +234,26 @@ class AsyncHandle:
 
 
 def async_save(state: Mapping[str, Any], writer, process_group=None, mode: str = "thread",
-               staging: str = "host") -> AsyncHandle:
-    """Start an async save in ``mode`` (``thread`` or ``process``); the caller checked
-    ``process_mode_unavailable()`` first. Host staging: a fresh ``DefaultStager`` (pinned,
-    asynchronous) where DCP has one, else the writer's blocking copy. Device staging (thread mode):
-    :class:`DeviceSnapshotStager`; the trainer need not wait for the host copy, so the handle's
-    staging is None once ``async_save`` returns."""
+               stager: Any = None, host_wait: bool = False) -> AsyncHandle:
+    """Start DCP's async save in ``mode`` (``thread`` or ``process``: DCP's checkpoint daemon; the
+    caller checked ``process_mode_unavailable()``) through ``stager`` (a persistent
+    :class:`checkpointing.snapshot.SnapshotStager`). ``host_wait``: the trainer must wait for the
+    host copy before its next optimizer step (``staging=host`` on an accelerator); otherwise the
+    handle's staging is None and only the snapshot was paid for in the call."""
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
-    if staging == "device":
-        if mode != "thread" or "async_stager" not in inspect.signature(dcp.async_save).parameters:
-            raise ValueError("checkpoint.staging=device needs checkpoint.async_mode=thread and a torch whose "
-                             "dcp.async_save takes async_stager (>= 2.9)")
-        stager = DeviceSnapshotStager()
-        try:
-            with _quiet_no_dist():
-                out = dcp.async_save(dict(state), storage_writer=writer, process_group=process_group,
-                                     async_checkpointer_type=AsyncCheckpointerType.THREAD, no_dist=_no_dist(),
-                                     async_stager=stager)
-        except BaseException:
-            stager.close()
-            raise
-        upload = out if isinstance(out, Future) else out.upload_completion
-        return AsyncHandle(None, upload, stager, "thread")
-
-    # async_stager= arrived with DefaultStager; older DCP stages with the writer (blocking). Both
-    # modes stage through a fresh stager: pinned memory and non-blocking copies on GPU (the
-    # writer's own staging is a blocking pageable copy: 14.5 s for 23.6 GB on an H200).
-    takes_stager = "async_stager" in inspect.signature(dcp.async_save).parameters
-    stager = _fresh_stager() if takes_stager else None
-    if stager is None and mode == "thread":
+    if stager is None or "async_stager" not in inspect.signature(dcp.async_save).parameters:
+        # torch < 2.9: no async_stager; the writer stages (a blocking pageable copy)
         staging, upload = async_save_thread(state, writer, process_group)
         return AsyncHandle(staging, upload, None, "thread")
-    kwargs = {"async_stager": stager} if stager is not None else {}
     kind = AsyncCheckpointerType.PROCESS if mode == "process" else AsyncCheckpointerType.THREAD
-    try:
-        with _quiet_no_dist():
-            out = dcp.async_save(dict(state), storage_writer=writer, process_group=process_group,
-                                 async_checkpointer_type=kind, no_dist=_no_dist(), **kwargs)
-    except BaseException:
-        if stager is not None:
-            getattr(stager, "close", lambda: None)()
-        raise
+    with _quiet_no_dist():
+        out = dcp.async_save(dict(state), storage_writer=writer, process_group=process_group,
+                             async_checkpointer_type=kind, no_dist=_no_dist(), async_stager=stager)
     if isinstance(out, Future):
-        return AsyncHandle(None, out, stager, mode)
-    return AsyncHandle(out.staging_completion, out.upload_completion, stager, mode)
+        return AsyncHandle(None, out, None, mode)
+    staging = out.staging_completion if host_wait and not out.staging_completion.done() else None
+    return AsyncHandle(staging, out.upload_completion, None, mode)
 
 
 def read_metadata(path: str, is_local: bool, storage_options: Mapping[str, Any]):

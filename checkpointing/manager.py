@@ -20,10 +20,12 @@ import torch
 import torch.distributed as dist
 
 from checkpointing import _dcp, commit, disk_space, layout, resume, retention
+from checkpointing.async_saves import AsyncSaves
 from checkpointing.config import CheckpointConfig
 from checkpointing.engine_state import EngineState, check_files
 from checkpointing.errors import CheckpointError, UnsafeCheckpointError
 from checkpointing.save_result import SaveResult
+from checkpointing.snapshot import state_bytes
 from checkpointing.storage import Storage
 from checkpointing.upload import Uploader
 from checkpointing.validate import validate_checkpoint_config
@@ -55,7 +57,7 @@ def _materialise(state: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-class CheckpointManager:
+class CheckpointManager(AsyncSaves):
     """One per rank, for the ``checkpoint`` config section. With a process group, every method
     except the ``list``/``committed_steps`` queries is collective: call it on every rank."""
 
@@ -77,19 +79,11 @@ class CheckpointManager:
         self._last: Optional[SaveResult] = None  # the last save that finished (or failed)
         self._need: Optional[int] = None  # rank 0: estimated bytes of the save in progress
         self._async_mode = self._resolve_async_mode(cfg.async_mode)
+        self._init_async(cfg)
         self.uploader: Optional[Uploader] = None
         if cfg.upload_root:
             self.uploader = Uploader(self.storage, self.run_dir, layout.join(cfg.upload_root, run_name),
                                      self.storage_options, cfg.keep_last, cfg.keep_every)
-
-    def _resolve_async_mode(self, mode: str) -> str:
-        if mode != "process":
-            return mode
-        reason = _dcp.process_mode_unavailable()
-        if reason is None:
-            return "process"
-        log.warning("checkpoint.async_mode=process unavailable: %s; using async_mode=thread", reason)
-        return "thread"
 
     # -- distributed helpers -----------------------------------------------------------------
     @property
@@ -183,7 +177,7 @@ class CheckpointManager:
         trainer_state = dict(trainer_state or {})
         if not engine:
             writer = _dcp.make_writer(self.storage.native(path), self.storage.is_local,
-                                      self.storage.storage_options)
+                                      self.storage.storage_options, self._threads, self._delay_s)
             if self._async_mode in ("thread", "process"):
                 return self._start_async(path, step, plain, writer, full_meta, trainer_state, t0)
 
@@ -257,49 +251,6 @@ class CheckpointManager:
                 sorted({r["error"] for r in refusals})))
         state.load(st.native(path), meta)
 
-    def _start_async(self, path, step, plain, writer, full_meta, trainer_state, t0) -> SaveResult:
-        try:
-            handle = _dcp.async_save(plain, writer, self.process_group, self._async_mode,
-                                     staging=self.cfg.staging)
-        except _dcp.ERRORS as e:
-            raise CheckpointError(f"saving checkpoint {path} failed to start: {_dcp.describe(e)}") from e
-        del plain  # the stager holds its own host copy
-        started = time.perf_counter() - t0
-        record = SaveResult(path, step, started, -1, committed=False, blocked_s=started,
-                            mode=self._async_mode)
-        if handle.staging is None:
-            record.staging_s = started
-        else:
-            handle.staging.add_done_callback(
-                lambda _f: setattr(record, "staging_s", time.perf_counter() - t0))
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
-        self._handle, self._record = handle, record
-        self._inflight = self._executor.submit(self._finish_async, record, handle, full_meta,
-                                               trainer_state, t0)
-        return SaveResult(**{**record.__dict__})
-
-    def _finish_async(self, record: SaveResult, handle: "_dcp.AsyncHandle", meta: Dict[str, Any],
-                      trainer_state: Dict[str, Any], t0: float) -> SaveResult:
-        """Background: the marker only after the write future completed. DCP's save finishes on
-        rank 0 only after gathering every rank's write results, so rank 0 needs no extra barrier."""
-        try:
-            handle.upload.result()
-        finally:
-            handle.close_stager()
-        path = record.path
-        if self.rank == 0:
-            commit.write_commit(self.storage, path, meta, trainer_state)
-            record.bytes = self.storage.tree_size(path)
-        record.commit_s = time.perf_counter() - t0
-        record.committed = self.rank == 0  # other ranks cannot see the marker being written
-        if self.rank == 0:
-            log.info("checkpoint %s committed in the background (%s): %.1f MB, staged in %.2f s, "
-                     "committed %.2f s after save()", path, record.mode, record.bytes / 1e6,
-                     record.staging_s, record.commit_s)
-            self._after_commit(record.step)
-        return record
-
     def _after_commit(self, step: int) -> None:
         """Rank 0, after a commit: retention, then (two tiers) queue the upload."""
         self._apply_retention()
@@ -345,18 +296,17 @@ class CheckpointManager:
         dist.all_gather_object(gathered, error, group=self.process_group)
         return [f"rank {r}: {e}" for r, e in enumerate(gathered) if e]
 
-    def wait(self) -> None:
-        """Block until the in-flight async save has staged its copy (call before the optimizer
-        mutates the parameters again). A no-op in sync mode and once staged."""
-        handle = self._handle
-        if handle is not None and handle.staging is not None:
-            t = time.perf_counter()
-            try:
-                handle.staging.result()
-            finally:
-                handle.staging = None
-                if self._record is not None:
-                    self._record.blocked_s += time.perf_counter() - t
+    def prepare(self, state: Mapping[str, Any]) -> int:
+        """Before the first save: this rank's state bytes; with async saves, allocate (and pin)
+        the reusable host buffers in the background so no save pays for it in the loop. A
+        process-mode writer needs them in shared memory: when /dev/shm cannot hold them, say so
+        and write from a thread instead."""
+        if isinstance(state, EngineState):
+            return 0
+        plain = _materialise(state)
+        nbytes = state_bytes(plain)
+        self._prepare_async(plain, nbytes)
+        return nbytes
 
     def wait_committed(self) -> Optional[SaveResult]:
         """Block until the in-flight async save is written and (rank 0) committed. Returns its
@@ -390,9 +340,15 @@ class CheckpointManager:
         try:
             return self.wait_committed()
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            for pool in (self._executor, self._io):
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._executor = self._io = None
+            if self._writer_proc is not None:
+                self._writer_proc.close()
+                self._writer_proc = None
+            if self._stager is not None:
+                self._stager.close()
             if self.uploader is not None:
                 self.uploader.close()
 

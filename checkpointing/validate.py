@@ -15,6 +15,7 @@ from checkpointing.urls import check_url
 ASYNC_MODES = ("off", "thread", "process")
 ON_SAVE_ERROR = ("continue", "stop")
 STAGING = ("host", "device")  # where an async save copies the state first (device: spare GPU memory)
+IF_BUSY = ("skip", "defer")  # a periodic save due while the previous one is still writing
 
 
 def validate_checkpoint_config(cfg: CheckpointConfig) -> None:
@@ -24,9 +25,18 @@ def validate_checkpoint_config(cfg: CheckpointConfig) -> None:
     staging = cfg.staging
     if staging not in STAGING:
         raise ConfigError(f"checkpoint.staging={staging!r} must be one of {', '.join(STAGING)}")
-    if staging == "device" and cfg.async_mode != "thread":
-        raise ConfigError(f"checkpoint.staging=device works with checkpoint.async_mode=thread (got "
-                          f"{cfg.async_mode!r}): set checkpoint.async_mode=thread, or checkpoint.staging=host")
+    if staging == "device" and cfg.async_mode == "off":
+        raise ConfigError("checkpoint.staging=device snapshots for an async save: set checkpoint.async_mode="
+                          "process (or thread), or checkpoint.staging=host")
+    if cfg.if_busy not in IF_BUSY:
+        raise ConfigError(f"checkpoint.if_busy={cfg.if_busy!r} must be one of {', '.join(IF_BUSY)}")
+    if cfg.write_threads < 1:
+        raise ConfigError(f"checkpoint.write_threads={cfg.write_threads} must be >= 1 (parallel writers per rank)")
+    if cfg.write_bandwidth_gbps <= 0:
+        raise ConfigError(f"checkpoint.write_bandwidth_gbps={cfg.write_bandwidth_gbps} must be > 0 (GB/s per "
+                          "rank, e.g. 1.3 for an H200 node's local NVMe)")
+    if cfg.fault_inject_write_delay_s < 0:
+        raise ConfigError(f"checkpoint.fault_inject_write_delay_s={cfg.fault_inject_write_delay_s} must be >= 0")
     on_error = cfg.on_save_error
     if on_error not in ON_SAVE_ERROR:
         raise ConfigError(f"checkpoint.on_save_error={on_error!r} must be one of {', '.join(ON_SAVE_ERROR)}")

@@ -10,7 +10,9 @@ import logging
 import sys
 import os
 
+from checkpointing.errors import CheckpointError
 from moe.config import ConfigError
+from moeforge import alerts
 from parallelism.process_group import env_ranks, init_distributed, shutdown
 from train.config import TrainConfig
 from health.exit_codes import ExitCode
@@ -44,6 +46,12 @@ def setup_logging(directory: str, rank: int) -> str:
 
     logging.setLogRecordFactory(factory)
     root.propagate = False
+    # checkpointing/ logs under its own name (it never imports train): the same console and file, so
+    # a background commit, retention and the host-buffer allocation are in the run's log too.
+    ckpt = logging.getLogger("checkpointing")
+    ckpt.setLevel(logging.INFO)
+    ckpt.handlers[:] = list(root.handlers)
+    ckpt.propagate = False
     return path
 
 
@@ -80,6 +88,9 @@ def run(cfg: TrainConfig) -> int:
 
     start_time = process_start_time()  # interpreter start and imports are billed too
     validate_train_config(cfg)  # before any process group or allocation
+    from train.strict import check_input_paths
+
+    check_input_paths(cfg)  # data.path, checkpoint.resume exist (exit 2), still before any allocation
     from cost.nodes import check_nodes, launched_topology
 
     nodes_error = check_nodes(cfg.cluster.nodes, launched_topology())
@@ -93,6 +104,7 @@ def run(cfg: TrainConfig) -> int:
     apply_slurm_env()  # srun without torchrun: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from Slurm
     directory = run_dir(cfg)
     rank, world, local_rank = env_ranks()
+    alerts.configure(run_name(cfg), enabled=rank == 0, webhook=cfg.logging.alert_webhook)
     health = HealthRuntime(cfg.health, rank=rank, local_rank=local_rank, world_size=world, run_dir=directory)
     health.apply_early_env()  # NCCL flight recorder: must precede the process group
     efa = apply_efa_env()
@@ -121,6 +133,7 @@ def run(cfg: TrainConfig) -> int:
         report = health.preflight(expected, cfg.cluster.instance_type) if runtime.device_type == "cuda" else None
         if report is not None and not report.healthy:
             code = ExitCode.UNHEALTHY
+            alerts.alert("unhealthy", f"preflight failed on this node: exit {int(code)}, resubmit elsewhere", "ERROR")
             return code
         from train.trainer import Trainer
 
@@ -132,12 +145,15 @@ def run(cfg: TrainConfig) -> int:
         raise
     except Exception as e:
         log.exception("training crashed")
+        if isinstance(e, CheckpointError):
+            alerts.alert("save_failed", f"checkpoint save failed, the run stopped: {e}", "ERROR")
         code, failed = ExitCode.CRASH, True
         reason = together.reason(together.fail(e))  # the first failure of any rank, named
         log.error("exit %d: %s", code, reason)
         return code
     finally:
         together.stop()
+        alerts.shutdown(timeout_s=10.0)  # queued webhooks go out before the process leaves
         health.shutdown()
         health.exit(code, reason)  # torchrun reports 1 for any failure: the record keeps the real code
         if not (failed and ctx.distributed):  # after a failure a teardown can block on a peer: leave

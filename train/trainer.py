@@ -14,14 +14,15 @@ from moe.balance import routing_stats
 from devices.runtime import Runtime
 from train.config import TrainConfig
 from health.exit_codes import ExitCode
+from moeforge.alerts import alert
 from train.engine import build_engine
 from train.optim import lr_at, set_lr
-from train.run_dir import config_hash
 from train.step import StepInputs, evaluate
 from train.validate import resolved_micro_batch
 
 log = logging.getLogger("moeforge")
 
+STOP_ALERTS = {ExitCode.PREEMPTED: "preemption", ExitCode.UNHEALTHY: "unhealthy"}  # budget: cost.alert_* levels
 FIRST_STEP_GRACE_S = 900.0  # compile and first-touch allocations: the hang watchdog waits longer
 
 
@@ -36,6 +37,10 @@ class Trainer:
         self.evals_since_best = 0
         self.metrics = None
         self._resume_wandb_id = None
+        self.saver = None  # train/saving.py, once the checkpoint manager exists
+        from train.ops_metrics import OpsMetrics
+
+        self._ops = OpsMetrics()  # checkpoint age, health flags for the row (Prometheus, dashboards)
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
@@ -59,6 +64,9 @@ class Trainer:
         self.model.register_forward_pre_hook(self._mark_forward, prepend=True)
         self.ckpt = CheckpointManager(cfg.checkpoint, self._ckpt_base(), self.run_name, rank=self.ctx.rank,
                                       world_size=self.ctx.world_size, process_group=self.ctx.control_group)
+        from train.saving import Saver
+
+        self.saver = Saver(self)
         from cost.node_pricing import price_this_run
 
         # Each node prices itself (its own IMDS or cluster), one all-gather sums them (cost/nodes.py).
@@ -71,6 +79,12 @@ class Trainer:
                                   rate_usd_per_hour=rate)
         self.cost = self.acct.meter
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self.kd = None
+        if cfg.distill.teacher:  # the teacher's forward FLOPs count in MFU and $/Mtok too
+            from train.distill.step import build_kd
+
+            self.kd, teacher_flops = build_kd(cfg, self.ctx, self.runtime)
+            self.flops_per_token += teacher_flops
 
     def _ckpt_base(self) -> str:
         # <checkpoint.root>/<run_name>/step_N; root defaults to the parent of the run directory.
@@ -165,7 +179,11 @@ class Trainer:
         try:
             return self._loop()
         finally:
-            self.ckpt.close()  # an async save in flight commits before we exit
+            t_close = time.perf_counter()
+            try:
+                self.ckpt.close()  # an async save in flight commits before we exit
+            finally:  # the loop is over, but this wait is paid for: it is checkpoint time
+                self.acct.ledger.add("checkpoint", time.perf_counter() - t_close)
 
     def _loop(self) -> tuple[int, str]:
         from train.data import rank_micro_batches, validation_batches
@@ -191,9 +209,10 @@ class Trainer:
                 result = self.engine.step(StepInputs(iter(batches), self.n_micro,
                                                      before_optimizer_step=self.ckpt.wait,
                                                      guard=self.hr.nan_guard.check,
-                                                     poison=(self.step + 1) in inject))
+                                                     poison=(self.step + 1) in inject, kd=self.kd))
             first = False
             step_s = time.perf_counter() - t_step
+            step_s -= self.saver.take_step_wait()  # staging=host: the step waited for a save's host copy
             if result.verdict == "rollback":
                 self._rollback()
                 continue
@@ -212,6 +231,8 @@ class Trainer:
             self.step += 1
             self.samples += t.global_batch_size
             self.acct.on_step(self.step, step_s, result.data_wait_s)
+            if self.acct.attempt_steps == 1:  # optimizer state exists now: its size is the save's
+                self.saver.estimate_at_start()
             self.hr.step_done(self.step, step_s, (self._fwd_enter or t_step) - t_step)
             window["steps"] += 1
             window["data_wait"] += result.data_wait_s
@@ -230,20 +251,26 @@ class Trainer:
                 self.hr.flags.request(ExitCode.BUDGET_EXHAUSTED, budget)
             # Every rank, every step: one small all-reduce decides together whether to stop.
             stop = self.hr.at_boundary(self.step)
-            if self.step % t.log_every == 0 or self.step == t.max_steps or val_loss is not None or stop:
-                self._log(result, val_loss, window, tokens_per_step)
-                window = {"t0": time.perf_counter(), "steps": 0, "data_wait": 0.0}
+            if stop is not None and stop.code in STOP_ALERTS:  # the agreed stop: rank 0 alerts once
+                alert(STOP_ALERTS[stop.code], f"step {self.step}: {stop.reason} (exit {stop.code})",
+                      "ERROR" if stop.code == ExitCode.UNHEALTHY else "WARN")
             done = self.step >= t.max_steps or early is not None
             code, reason = (stop.code, stop.reason) if stop else (ExitCode.OK, early or "done")
             final = done or stop is not None
             if final:
                 self.acct.mark_exit(code, reason)
-            due = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
-            if due or (final and (cfg.checkpoint.save_final or stop is not None)):
+            # Saved before this step's row is logged: the row then carries what the save cost the loop.
+            due = bool(cfg.checkpoint.every_steps) and self.step % cfg.checkpoint.every_steps == 0
+            if final and (cfg.checkpoint.save_final or stop is not None):
                 committed = self._save(emergency=stop)
                 if stop is not None and not committed and code == ExitCode.PREEMPTED:
                     # 75 promises a committed checkpoint; without one, say crash (bounded retries).
                     code, reason = ExitCode.CRASH, reason + " (the emergency checkpoint was not committed)"
+            elif self.saver.wants(due):
+                self.saver.periodic(due)
+            if self.step % t.log_every == 0 or self.step == t.max_steps or val_loss is not None or stop:
+                self._log(result, val_loss, window, tokens_per_step)
+                window = {"t0": time.perf_counter(), "steps": 0, "data_wait": 0.0}
             if self.step % t.log_every == 0:
                 warning = self.acct.projection_warning(self.step, t.max_steps, tokens_per_step,
                                                        self.samples * t.seq_len)
@@ -288,36 +315,14 @@ class Trainer:
             raise RuntimeError(f"non-finite state at step {bad_step} and no committed checkpoint to roll back to")
         self.samples = samples
         self.hr.nan_guard.reset()
-        log.warning("step %d: non-finite %d times in a row; rolled back to the commit at step %d and skipped "
-                    "the data up to sample %d", bad_step, self.cfg.health.nan_max_skips + 1, self.step, samples)
+        msg = (f"step {bad_step}: non-finite {self.cfg.health.nan_max_skips + 1} times in a row; rolled back to "
+               f"the commit at step {self.step} and skipped the data up to sample {samples}")
+        log.warning(msg)
+        alert("nan_rollback", msg)
 
     def _save(self, emergency=None) -> bool:
-        """Save this step; True when it is committed (False: skipped as non-finite, or failed with
-        checkpoint.on_save_error=continue)."""
-        from train.version import versions
-
-        # Never checkpoint a non-finite state (checked on every rank, agreed by one all-reduce).
-        if not self.hr.state_ok(self.model, self.optimizer):
-            log.error("step %d: state is not finite; checkpoint skipped", self.step)
-            return False
-        ts = self._trainer_state()
-        meta = {"tokens": ts["tokens"], "samples_consumed": self.samples, "config_hash": config_hash(self.cfg),
-                "cost_usd": ts["cost"].get("spent_usd", 0.0), "versions": versions()}
-        t0 = time.perf_counter()
-        with self.hr.grace(FIRST_STEP_GRACE_S):
-            result = self.ckpt.save(self.step, self._state(), meta, trainer_state=ts)
-            if emergency is not None:
-                result = self.ckpt.wait_committed() or result  # the commit must land before we leave
-        self.acct.on_checkpoint(time.perf_counter() - t0, self.step)
-        committed = result is not None and result.error is None
-        if emergency is not None:
-            took = time.time() - emergency.t_notice
-            deadline = self.cfg.health.preemption_deadline_s
-            (log.info if took <= deadline and committed else log.error)(
-                "emergency checkpoint at step %d %s %.1f s after the notice (%s); "
-                "health.preemption_deadline_s=%.0f", self.step, "committed" if committed else "FAILED",
-                took, emergency.reason, deadline)
-        return committed
+        """Save this step (train/saving.py); True when it is committed."""
+        return self.saver.save(emergency)
 
     def _announce(self) -> None:
         cfg = self.cfg
@@ -349,8 +354,12 @@ class Trainer:
              "tokens": tokens, "max_steps": t.max_steps, "skipped_steps": self.hr.nan_guard.total_skipped}
         m.update(self.acct.metrics(tokens))
         m.update(self.hr.metrics())
+        m.update(self.saver.row_metrics())  # ckpt/stall_s: what checkpointing cost the loop since the last row
+        m.update(self._ops.row(self.ckpt, self.hr))
         if val_loss is not None:
             m["val_loss"] = val_loss
+        if result.kd_loss is not None:  # loss= stays the cross-entropy; the objective mixes both
+            m["kd_loss"], m["lm_loss"] = _mean(result.kd_loss, self.ctx.distributed), m["loss"]
         if self.runtime.xla is not None:  # graphs compiled so far: growing every step = recompiling
             m["xla_compiles"] = self.runtime.xla.compilations()
         if cfg.model.moe.n_experts:
@@ -391,3 +400,11 @@ def _as_dict(cfg: TrainConfig) -> dict:
     from train.metrics import redact_secrets
 
     return redact_secrets(dataclasses.asdict(cfg))
+
+
+def _mean(t: torch.Tensor, distributed: bool) -> float:
+    """The global mean of a per-rank scalar (every rank calls it)."""
+    t = t.detach().clone()
+    if distributed:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.AVG)
+    return t.item()

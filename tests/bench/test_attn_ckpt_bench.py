@@ -25,8 +25,27 @@ def test_attn_bench_small(tmp_path):
     assert abs(local["ideal_ratio"] - (2 * 32 / 256 - 32 * 32 / 256 ** 2)) < 1e-12
 
 
-def test_ckpt_bench_device_staging(tmp_path):
-    _run(["ckpt", "--model", "tiny", "--modes", "thread,thread:device", "--saves", "2"], tmp_path)
+def test_ckpt_bench_reports_the_in_loop_stall(tmp_path):
+    out = _run(["ckpt", "--model", "tiny", "--modes", "thread:device,off", "--saves", "2", "--every", "3",
+                "--batch", "2", "--seq", "32", "--warmup", "1"], tmp_path)
     rows = json.loads((tmp_path / "ckpt_tiny.json").read_text())["results"]
-    assert [r["mode"] for r in rows] == ["thread", "thread", "thread:device", "thread:device"]
-    assert all(r["stats"]["ckpt_ok"] == 1 and r["bytes"] > 0 for r in rows)
+    assert [r["mode"] for r in rows] == ["thread:device", "off"]
+    for r in rows:
+        assert r["ok"] == 1 and r["final_committed"] and 3 in r["saves"]
+        assert sorted(r["saves"] + r["skipped_busy"]) == [3, 6]  # a save due while one writes is skipped
+        assert len(r["step_s"]) == 2 * 3 + 3 + 1 and len(r["extra_s_per_save"]) == len(r["saves"])
+        assert r["component"]["last_bytes"] > 0 and len(r["component"]["per_save"]) == len(r["saves"])
+    assert "in-loop stall s" in out and "component: save() return s" in out
+
+
+def test_stall_figures_from_step_times():
+    from bench.ckpt_bench import stall_figures
+
+    steps = [1.0] * 20
+    steps[5], steps[6] = 3.0, 1.5  # a save step, and the one after it
+    steps[15] = 2.0
+    f = stall_figures(steps, [5, 15], around=2)
+    assert f["median_step_s"] == 1.0
+    assert f["stall_s"] == 1.5  # median of the save steps (3.0, 2.0) - 1.0
+    assert f["after_s"] == 0.0  # median of 1.5, 1, 1, 1
+    assert f["extra_s_per_save"] == [2.5, 1.0]

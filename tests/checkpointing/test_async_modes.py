@@ -1,4 +1,4 @@
-"""Three consecutive async saves in thread and process mode (a fresh stager per save), each
+"""Three consecutive async saves in thread and process mode (one persistent stager, its host buffers reused), each
 bitwise; per-save stats. Each runs in a child with a 1-rank gloo group: process mode's daemon
 needs one, and it outlives the test otherwise."""
 
