@@ -1,6 +1,7 @@
-"""The budget: ``cost.budget_usd`` (save and exit 77 before the spend passes it) and
-``cost.alert_usd`` (one warning per level, across attempts). Pure decisions, and a small stateful
-``Budget`` whose state rides in the checkpoint's trainer_state."""
+"""The budget: ``cost.budget_usd`` (save and exit 77 before the spend passes it), ``cost.alert_usd``
+and ``cost.alert_fractions`` (one warning and one alert, moeforge.alerts, per level, across
+attempts). Pure decisions, and a small stateful ``Budget`` whose state rides in the checkpoint's
+trainer_state."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 from cost.config import CostConfig
 from cost.meter import usd_for
 from health.exit_codes import ExitCode  # health never imports cost or train
+from moeforge.alerts import alert  # imports nothing of ours
 
 log = logging.getLogger("moeforge")
 
@@ -58,7 +60,7 @@ def _suggest(budget: float) -> str:
 
 
 def alert_message(level_usd: float, spent_usd: float, budget_usd: float) -> str:
-    of = f" of cost.budget_usd=${budget_usd:.2f}" if budget_usd > 0 else ""
+    of = f" ({level_usd / budget_usd:.1%} of cost.budget_usd=${budget_usd:.2f})" if budget_usd > 0 else ""
     return f"cost alert: spent ${spent_usd:.2f}, past the ${level_usd:.2f} level{of}"
 
 
@@ -82,7 +84,9 @@ class Budget:
 
     @classmethod
     def from_config(cls, cost: CostConfig, hooks: Sequence[Callable[[str, str], None]] = ()) -> "Budget":
-        return cls(cost.budget_usd, cost.alert_usd, hooks)
+        # cost.alert_fractions become $ levels of this budget (raising the budget moves them)
+        fractions = [f * cost.budget_usd for f in cost.alert_fractions]
+        return cls(cost.budget_usd, list(cost.alert_usd) + fractions, hooks)
 
     def refuse_start(self, spent_usd: float, step: int) -> Optional[str]:
         """At start, after resume: the refusal message when the budget is already spent, or when
@@ -105,6 +109,7 @@ class Budget:
             msg = alert_message(level, spent_usd, self.budget_usd)
             self.fired.append(level)
             log.warning(msg)
+            alert("budget", msg, "ERROR" if 0 < self.budget_usd <= level else "WARN")  # W&B, webhook
             for hook in self.hooks:
                 try:
                     hook(f"moeforge cost ${level:.2f}", msg)

@@ -32,7 +32,8 @@ class ClusterConfig:
 class CostConfig:
     price_per_hour: float = 0.0  # override: $ per instance-hour (0 = catalog)
     budget_usd: float = 0.0  # 0 = no budget
-    alert_usd: List[float] = field(default_factory=list)  # $ levels: one logged warning each
+    alert_usd: List[float] = field(default_factory=list)  # $ levels: one logged warning (+ alert) each
+    alert_fractions: List[float] = field(default_factory=list)  # of budget_usd, e.g. [0.5, 0.8, 1.0]: alerts too
     # Gap between attempts billed at most this long: -1 = the whole gap (capacity stays paid while
     # a job is requeued), 0 = none (elastic capacity: nothing is paid between attempts).
     max_gap_billed_s: float = -1.0

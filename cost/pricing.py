@@ -16,10 +16,11 @@ import logging
 import os
 
 from cost.config import ClusterConfig, CostConfig
+from moeforge import config_dir
 
 log = logging.getLogger("moeforge")
 
-CATALOG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cluster")
+CATALOG_DIR = os.path.join(config_dir(), "cluster")  # the installed package's tree (moeforge.config_dir)
 
 
 def catalog_entry(instance_type: str) -> ClusterConfig | None:

@@ -15,6 +15,9 @@ def validate_cost_config(cost: CostConfig) -> List[str]:
         errors.append("cost.budget_usd and cost.price_per_hour must be >= 0")
     if any(a <= 0 for a in cost.alert_usd):
         errors.append(f"cost.alert_usd={list(cost.alert_usd)} must hold $ levels > 0")
+    if cost.alert_fractions and cost.budget_usd <= 0:
+        errors.append(f"cost.alert_fractions={list(cost.alert_fractions)} are fractions of cost.budget_usd: "
+                      "set cost.budget_usd, or use cost.alert_usd for $ levels")
     if cost.max_gap_billed_s < 0 and cost.max_gap_billed_s != -1:
         errors.append(f"cost.max_gap_billed_s={cost.max_gap_billed_s} must be -1 (bill the whole "
                       "gap), 0 (none) or a cap in seconds > 0")

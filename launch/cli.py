@@ -120,22 +120,30 @@ def main(argv: Optional[List[str]] = None) -> int:
             return ExitCode.CONFIG_ERROR
     print(f"run_name={c.run_name}")
     print(f"run_dir={c.run_dir}")
+    # Secrets never reach a file or an echo: each secret override becomes an environment reference
+    # whose value goes to the job through its environment (train/redact.py).
+    from train.redact import protect_overrides
+
+    overrides, secret_env = protect_overrides(c.overrides)
+    for var in secret_env:
+        print(f"secret: {var} (in the job's environment, not in its files)")
 
     if args.target == "local":
         from launch.local import run_local, torchrun_command
 
-        cmd = torchrun_command(nproc, c.overrides, port=args.rdzv_port)
+        cmd = torchrun_command(nproc, overrides, port=args.rdzv_port)
         if args.dry_run:
             from launch.eks import shell
 
             print(f"RUN_DIR={c.run_dir} {shell(cmd)}")
             return 0
-        return run_local(c.run_dir, cmd, max_retries=args.max_retries)
+        return run_local(c.run_dir, cmd, max_retries=args.max_retries, extra_env=secret_env)
 
     if eks:
         from launch import eks as E
 
-        job = E.EksJob(run_name=c.run_name, run_dir=c.run_dir, overrides=c.overrides,
+        job = E.EksJob(run_name=c.run_name, run_dir=c.run_dir, overrides=overrides,
+                       secret_vars=list(secret_env),
                        instance_type=args.instance_type, nodes=args.nodes,
                        nproc_per_node=args.nproc_per_node or (1 if xla else 0), image=args.image,
                        namespace=args.namespace,
@@ -158,6 +166,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"manifest={path}")
             with open(path) as f:
                 sys.stdout.write(f.read())
+        if job.secret_vars:
+            print("# first, the secret overrides' values as a Kubernetes Secret (the manifest holds none):")
+            print(E.shell(E.secret_command(job)))
         print("# submit with kubectl (HyperPod training operator installed):")
         print(E.shell(E.kubectl_command(job)))
         print("# or with the HyperPod CLI:")
@@ -166,7 +177,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from launch import slurm as S
 
-    job = S.SlurmJob(run_name=c.run_name, run_dir=c.run_dir, overrides=c.overrides, workdir=os.getcwd(),
+    job = S.SlurmJob(run_name=c.run_name, run_dir=c.run_dir, overrides=overrides, workdir=os.getcwd(),
                      nodes=args.nodes, nproc_per_node=nproc, gpus_per_node=gpus,
                      cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,
                      signal_lead_s=args.signal_lead, max_retries=args.max_retries,
@@ -176,16 +187,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if c.cfg.trainer.device == "neuron":  # Neuron variables and the neuron_parallel_compile trial run
         from launch.neuron import neuron_launch
 
-        job.neuron = neuron_launch(c.cfg, c.overrides, c.run_dir)
+        job.neuron = neuron_launch(c.cfg, overrides, c.run_dir)
     path = S.write(job)
     print(f"script={path}")
     if args.dry_run:
         with open(path) as f:
             sys.stdout.write(f.read())
+        if secret_env:
+            print(f"# export {' '.join(secret_env)} (the secret overrides' values) before sbatch")
         print(f"# submit with: {' '.join(S.submit_command(job))}")
         return 0
     try:
-        job_id = S.submit(job)
+        job_id = S.submit(job, secret_env)
     except (RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -21,6 +21,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Dict, List
 
+from launch.entry import image_program
+
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema", "hyperpodpytorchjob.schema.yaml")
 API_VERSION = "sagemaker.amazonaws.com/v1"
 KIND = "HyperPodPyTorchJob"
@@ -61,6 +63,13 @@ class EksJob:
     start_cutoff_s: int = 600
     hang_after_s: int = 1800
     extra_env: Dict[str, str] = field(default_factory=dict)
+    # MOEFORGE_SECRET_<i> variables the overrides reference (train/redact.py): read from a Kubernetes
+    # Secret named secret_name, never written into the manifest.
+    secret_vars: List[str] = field(default_factory=list)
+
+    @property
+    def secret_name(self) -> str:
+        return f"{self.job_name[:55]}-secrets"
 
     @property
     def job_name(self) -> str:
@@ -90,7 +99,7 @@ def hyperpodrun_command(job: EksJob) -> List[str]:
     nproc = job.nproc_per_node or _accelerators(res)
     return ["hyperpodrun", f"--nnodes={job.nodes}", f"--nproc-per-node={nproc}",
             "--server-host=0.0.0.0", f"--server-port={AGENT_PORT}", "--tee=3",
-            "--log_dir=/tmp/hyperpod", "-m", "train", *job.overrides]
+            "--log_dir=/tmp/hyperpod", *image_program(), *job.overrides]
 
 
 def manifest(job: EksJob) -> dict:
@@ -121,7 +130,9 @@ def manifest(job: EksJob) -> dict:
                             "imagePullPolicy": "Always",
                             "workingDir": job.workdir,
                             "command": hyperpodrun_command(job),
-                            "env": [{"name": k, "value": v} for k, v in env.items()],
+                            "env": [{"name": k, "value": v} for k, v in env.items()] + [
+                                {"name": var, "valueFrom": {"secretKeyRef": {"name": job.secret_name, "key": var}}}
+                                for var in job.secret_vars],
                             "ports": [{"containerPort": AGENT_PORT}],
                             "resources": {"requests": dict(limits), "limits": dict(limits)},
                             "volumeMounts": [{"name": "fsx", "mountPath": job.fsx_mount},
@@ -183,6 +194,12 @@ def write(job: EksJob) -> str:
         f.write(f"# Submit: kubectl apply -f {os.path.basename(path)}\n")
         f.write(to_yaml(doc))
     return path
+
+
+def secret_command(job: EksJob) -> List[str]:
+    """``kubectl create secret`` for the secret overrides' values (placeholders: fill them in)."""
+    return ["kubectl", "create", "secret", "generic", job.secret_name, "--namespace", job.namespace,
+            *(f"--from-literal={var}=<value>" for var in job.secret_vars)]
 
 
 def kubectl_command(job: EksJob) -> List[str]:

@@ -16,9 +16,11 @@ import os
 import signal
 import subprocess
 import sys
-from typing import List
+from typing import Dict, List, Optional
 
 from launch import policy
+from launch.entry import torchrun_program
+from train.redact import redact_command
 from launch.slurm import SIGNALS_TO_HANDLE, REPO, _torchrun
 
 
@@ -27,14 +29,16 @@ def torchrun_command(nproc_per_node: int, overrides: List[str], python: str = sy
     endpoint = f"127.0.0.1:{port}" if port else "127.0.0.1:0"
     return [*_torchrun(python), "--nnodes=1", f"--nproc-per-node={nproc_per_node}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--local-addr=127.0.0.1",
-            "--max-restarts=0", f"--signals-to-handle={SIGNALS_TO_HANDLE}", "-m", "train", *overrides]
+            "--max-restarts=0", f"--signals-to-handle={SIGNALS_TO_HANDLE}", *torchrun_program(python), *overrides]
 
 
-def run_local(run_dir: str, cmd: List[str], max_retries: int, max_restarts: int = 100, log=print) -> int:
+def run_local(run_dir: str, cmd: List[str], max_retries: int, max_restarts: int = 100, log=print,
+              extra_env: Optional[Dict[str, str]] = None) -> int:
     from health.exit_record import clear_exit_records, resolve_exit_code
 
     env = dict(os.environ)
     env["RUN_DIR"] = run_dir
+    env.update(extra_env or {})  # secret overrides' values (train/redact.py): never on the command line
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     os.makedirs(run_dir, exist_ok=True)
     state = {"child": None, "signalled": False}
@@ -50,7 +54,7 @@ def run_local(run_dir: str, cmd: List[str], max_retries: int, max_restarts: int 
     try:
         for attempt in range(max_restarts + 1):
             clear_exit_records(run_dir)
-            log(f"[launch] attempt {attempt}: {' '.join(cmd)}")
+            log(f"[launch] attempt {attempt}: {' '.join(redact_command(cmd))}")
             state["child"] = subprocess.Popen(cmd, env=env)
             rc = state["child"].wait()
             state["child"] = None

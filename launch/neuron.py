@@ -51,7 +51,7 @@ def neuron_launch(cfg: TrainConfig, overrides: List[str], run_dir: str) -> Neuro
     return NeuronLaunch(shell_exports(settings), keep + ours, pre_dir)
 
 
-def render_block(neuron: NeuronLaunch, srun: str, torchrun: str) -> str:
+def render_block(neuron: NeuronLaunch, srun: str, torchrun: str, program: str = "-m moeforge train") -> str:
     """Bash for the script: exports, then the trial run: ``srun`` and ``torchrun`` are the training
     step's own command parts (each ending in `` \\\n``), with ``neuron_parallel_compile`` between them."""
     out = ["# Trainium (trainer.device=neuron): Neuron variables, the same as the trainer's own",
@@ -68,7 +68,7 @@ def render_block(neuron: NeuronLaunch, srun: str, torchrun: str) -> str:
         '  mkdir -p "$precompile_dir"',
         "  pre_port=$(( (port + 8 - 20000) % 20000 + 20000 ))  # not the step's port: no TIME_WAIT clash",
         f'  RUN_DIR="$precompile_dir" {srun}  "$NEURON_PARALLEL_COMPILE" {torchrun.replace(":$port", ":$pre_port")}'
-        f'  -m train {overrides} &',
+        f'  {program} {overrides} &',
         "  step_pid=$!",
         '  wait "$step_pid"; prc=$?',
         '  while [ "$prc" -gt 128 ] && kill -0 "$step_pid" 2>/dev/null; do wait "$step_pid"; prc=$?; done',

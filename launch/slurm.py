@@ -26,6 +26,7 @@ from typing import Any, List, Optional
 
 from checkpointing.atomic import atomic_write_text
 from health.exit_codes import ExitCode as E
+from launch.entry import torchrun_program
 
 SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 HYPERPOD_MARKER = "/opt/sagemaker_cluster"
@@ -90,6 +91,7 @@ def render(job: SlurmJob) -> str:
     hp = {"auto": "auto", "on": "1", "off": "0"}[job.hyperpod]
     torchrun = " ".join(q(a) for a in _torchrun(job.python))
     overrides = " ".join(q(o) for o in job.overrides)
+    program = " ".join(q(a) for a in torchrun_program(job.python))  # launch/entry.py: cwd-immune
     # The step: one task per node holding all of the job's CPUs on it (torchrun's workers share them).
     srun = (f'srun --kill-on-bad-exit=1 --nodes={job.nodes} --ntasks-per-node=1 \\\n'
             f'  --cpus-per-task="${{SLURM_CPUS_PER_TASK:-${{SLURM_CPUS_ON_NODE:-1}}}}" "${{srun_extra[@]}}" \\\n')
@@ -100,7 +102,7 @@ def render(job: SlurmJob) -> str:
     if job.neuron is not None:
         from launch.neuron import render_block
 
-        neuron = render_block(job.neuron, srun, torchrun_args)
+        neuron = render_block(job.neuron, srun, torchrun_args, program)
     return f"""#!/bin/bash
 {header}
 # Rendered by `python -m launch slurm` for run {job.run_name}. Re-render rather than edit.
@@ -146,7 +148,7 @@ requeue() {{
 {neuron}rm -f "$RUN_DIR"/exit_code.rank*.json
 log "start on $node (nodes: $SLURM_JOB_NODELIST) RUN_DIR=$RUN_DIR rdzv={endpoint_host}:$port ${{srun_extra[*]:-}}"
 # one task per node holding all of the job's CPUs on it (torchrun's workers share them)
-{srun}  {torchrun_args}  -m train {overrides} &
+{srun}  {torchrun_args}  {program} {overrides} &
 step_pid=$!
 wait "$step_pid"; rc=$?
 while [ "$rc" -gt 128 ] && kill -0 "$step_pid" 2>/dev/null; do wait "$step_pid"; rc=$?; done
@@ -182,9 +184,12 @@ def submit_command(job: SlurmJob) -> List[str]:
     return ["sbatch", "--parsable", job.script_path]
 
 
-def submit(job: SlurmJob) -> str:
-    """sbatch the rendered script; returns the job id."""
-    p = subprocess.run(submit_command(job), capture_output=True, text=True, cwd=job.workdir)
+def submit(job: SlurmJob, secret_env: Optional[dict] = None) -> str:
+    """sbatch the rendered script; returns the job id. ``secret_env``: the secret overrides' values,
+    which the job inherits (sbatch passes the submitter's environment on; the script holds only
+    references to them, train/redact.py)."""
+    env = {**os.environ, **(secret_env or {})}
+    p = subprocess.run(submit_command(job), capture_output=True, text=True, cwd=job.workdir, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"sbatch failed ({p.returncode}): {p.stderr.strip()}")
     return p.stdout.strip().split(";")[0]

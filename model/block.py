@@ -1,4 +1,5 @@
-"""One transformer block: attention then FFN (dense SwiGLU or MoE), pre-norm or Gemma-3 sandwich."""
+"""One transformer block: attention then FFN (dense SwiGLU or MoE); pre-norm, Gemma-3 sandwich, or
+OLMo-2 post-norm."""
 
 from __future__ import annotations
 
@@ -24,24 +25,28 @@ class TransformerBlock(nn.Module):
         if is_moe:
             self.ffn = MoELayer(cfg.d_model, cfg.moe)
         else:
-            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
-        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        # Gemma 3 "sandwich": a second norm on each sub-layer's output before the residual add.
-        self.sandwich = cfg.norm_placement == "pre+post"
+            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim, cfg.ffn_activation)
+        # "post" (OLMo 2) has no input norms: each sub-layer reads the raw residual stream.
+        self.pre = cfg.norm_placement != "post"
+        if self.pre:
+            self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # Gemma 3 "sandwich" and OLMo 2: a norm on each sub-layer's output before the residual add.
+        self.sandwich = cfg.norm_placement in ("pre+post", "post")
         if self.sandwich:
             self.post_attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.post_ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h_BTD = self.attention(self.attention_norm(x_BTD))
+        h_BTD = self.attention(self.attention_norm(x_BTD) if self.pre else x_BTD)
         if self.sandwich:
             h_BTD = self.post_attention_norm(h_BTD)
         x_BTD = x_BTD + h_BTD
+        f_BTD = self.ffn_norm(x_BTD) if self.pre else x_BTD
         if self.is_moe:
-            h_BTD, aux = self.ffn(self.ffn_norm(x_BTD))
+            h_BTD, aux = self.ffn(f_BTD)
         else:
-            h_BTD = self.ffn(self.ffn_norm(x_BTD))
+            h_BTD = self.ffn(f_BTD)
             aux = x_BTD.new_zeros((), dtype=torch.float32)
         if self.sandwich:
             h_BTD = self.post_ffn_norm(h_BTD)

@@ -13,7 +13,9 @@ from typing import List, Optional
 from moe.config import ConfigError, MoEConfig, validate_moe_config
 
 ATTENTION_KINDS = ("gqa", "mla")
-NORM_PLACEMENTS = ("pre", "pre+post")
+NORM_PLACEMENTS = ("pre", "pre+post", "post")
+FFN_ACTIVATIONS = ("silu", "gelu_tanh")
+QK_NORM_SCOPES = ("head", "projection")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "varlen", "cudnn", "eager")
 
 
@@ -27,6 +29,8 @@ class RopeConfig:
     yarn_beta_slow: float = 1.0
     yarn_mscale: float = 1.0
     yarn_mscale_all_dim: float = 0.0
+    # RoPE base of the sliding-window layers (Gemma 3: 10k local, 1M global); 0 = ``theta`` everywhere.
+    local_theta: float = 0.0
 
 
 @dataclass
@@ -38,6 +42,9 @@ class AttentionConfig:
     n_kv_heads: int = 8
     head_dim: Optional[int] = None  # default d_model // n_heads (gqa only)
     qk_norm: bool = False
+    # "head": one RMSNorm over each head's dim, shared by the heads (Qwen3, Gemma 3); "projection":
+    # over the whole q (and k) projection, all heads at once (OLMo 2).
+    qk_norm_scope: str = "head"
     bias: bool = False
     # MLA (DeepSeek-V2/V3); q_lora_rank 0 means a plain q projection.
     q_lora_rank: int = 0
@@ -65,9 +72,21 @@ class ModelConfig:
     ffn_dim: int = 512  # dense SwiGLU hidden size
     max_seq_len: int = 256
     norm_eps: float = 1e-6
-    norm_placement: str = "pre"  # "pre" or "pre+post" (Gemma 3 sandwich)
+    # "pre"; "pre+post" (Gemma 3 sandwich: also a norm on each sub-layer's output); "post" (OLMo 2:
+    # only the norm on each sub-layer's output, none on its input).
+    norm_placement: str = "pre"
+    # Multiply the token embeddings by sqrt(d_model) (Gemma); the output head is unscaled.
+    embed_scale: bool = False
+    # Gate activation of the dense FFN: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma). Experts: SiLU.
+    ffn_activation: str = "silu"
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Initialise from a Hugging Face directory (local or s3://) instead of the seed; empty = off.
+    # Read by train/ through checkpointing/hf/ (docs/checkpointing.md); the model never opens it.
+    init_from: str = ""
+    # Sparse upcycling: a dense HF model's MLP copied into every expert (and the shared expert) of
+    # this MoE model, everything else as init_from; the routers keep their seeded init.
+    init_from_dense: str = ""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -119,6 +138,10 @@ def validate_model_config(cfg: ModelConfig) -> None:
             _fail(f"model.{key}={getattr(cfg, key)} must be >= 1")
     if cfg.norm_placement not in NORM_PLACEMENTS:
         _fail(f"model.norm_placement={cfg.norm_placement!r} must be one of {NORM_PLACEMENTS}")
+    if cfg.ffn_activation not in FFN_ACTIVATIONS:
+        _fail(f"model.ffn_activation={cfg.ffn_activation!r} must be one of {FFN_ACTIVATIONS}")
+    if a.qk_norm_scope not in QK_NORM_SCOPES:
+        _fail(f"model.attention.qk_norm_scope={a.qk_norm_scope!r} must be one of {QK_NORM_SCOPES}")
     if a.backend not in ATTENTION_BACKENDS:
         _fail(f"model.attention.backend={a.backend!r} must be one of {ATTENTION_BACKENDS}")
     if a.n_heads < 1:
@@ -164,6 +187,8 @@ def validate_model_config(cfg: ModelConfig) -> None:
         _fail(f"model.attention.global_every={a.global_every} must be >= 0")
     if cfg.rope.theta <= 0:
         _fail(f"model.rope.theta={cfg.rope.theta} must be > 0")
+    if cfg.rope.local_theta < 0:
+        _fail(f"model.rope.local_theta={cfg.rope.local_theta} must be > 0 (or 0 = model.rope.theta)")
     if cfg.rope.yarn_factor < 1:
         _fail(f"model.rope.yarn_factor={cfg.rope.yarn_factor} must be >= 1 (1 disables YaRN)")
     validate_moe_config(cfg.moe, prefix="model.moe")

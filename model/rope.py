@@ -17,6 +17,7 @@ YaRN follows transformers' ``_compute_yarn_parameters`` (used by DeepSeek-V3):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Tuple
 
@@ -51,6 +52,13 @@ def yarn_softmax_mscale(rope: RopeConfig) -> float:
         return 1.0
     m = yarn_get_mscale(rope.yarn_factor, rope.yarn_mscale_all_dim)
     return m * m
+
+
+def rope_for_window(rope: RopeConfig, window: int) -> RopeConfig:
+    """The RoPE settings of a layer: sliding-window layers use ``local_theta`` when it is set."""
+    if window > 0 and rope.local_theta > 0:
+        return dataclasses.replace(rope, theta=rope.local_theta)
+    return rope
 
 
 def rope_inv_freq(dim: int, rope: RopeConfig, device=None) -> torch.Tensor:

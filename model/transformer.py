@@ -39,15 +39,23 @@ class Transformer(nn.Module):
         """Final-normed hidden states and the summed MoE auxiliary loss."""
         kernels.prepare(tokens_BT.shape[1], self.windows, tokens_BT.device)  # caches, outside compiled blocks
         x_BTD = self.tok_embeddings(tokens_BT)
+        if self.cfg.embed_scale:  # Gemma: the embedding table is shared with the unscaled head
+            x_BTD = x_BTD * (self.cfg.d_model ** 0.5)
         aux = torch.zeros((), device=x_BTD.device, dtype=torch.float32)
         for block in self.layers.values():
             x_BTD, layer_aux = block(x_BTD)
             aux = aux + layer_aux
         return self.norm(x_BTD), aux
 
-    def forward(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [B, T, V] and the summed MoE auxiliary loss (scalar, already weighted)."""
+    def forward(self, tokens_BT: torch.Tensor, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, T, V] and the summed MoE auxiliary loss (scalar, already weighted).
+
+        ``head(h_BTD, output_weight)``, when given, replaces the output projection: it runs inside
+        this forward, where a sharded (FSDP2) model's head weight is gathered (a distillation
+        teacher forms its logits chunk by chunk there, never all at once)."""
         h_BTD, aux = self.forward_hidden(tokens_BT)
+        if head is not None:
+            return head(h_BTD, self.output_weight()), aux
         if self.output is None:
             return nn.functional.linear(h_BTD, self.tok_embeddings.weight), aux
         return self.output(h_BTD), aux

@@ -19,11 +19,18 @@ def trunc_normal_fp32_(t: torch.Tensor, std: float) -> None:
     t.copy_(tmp)
 
 
-class SwiGLU(nn.Module):
-    """``w2(silu(w1 x) * w3 x)``; w1 gate, w3 up, w2 down; no biases."""
+ACTIVATIONS = ("silu", "gelu_tanh")
 
-    def __init__(self, d_model: int, hidden_dim: int):
+
+class SwiGLU(nn.Module):
+    """``w2(act(w1 x) * w3 x)``; w1 gate, w3 up, w2 down; no biases. ``act`` is SiLU (SwiGLU) or
+    tanh-approximated GELU (GeGLU, Gemma's ``gelu_pytorch_tanh``)."""
+
+    def __init__(self, d_model: int, hidden_dim: int, activation: str = "silu"):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} must be one of {ACTIVATIONS}")
+        self.activation = activation
         self.w1 = nn.Linear(d_model, hidden_dim, bias=False)
         self.w3 = nn.Linear(d_model, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, d_model, bias=False)
@@ -34,4 +41,6 @@ class SwiGLU(nn.Module):
         trunc_normal_fp32_(self.w2.weight, std if out_std is None else out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        g = self.w1(x)
+        g = F.silu(g) if self.activation == "silu" else F.gelu(g, approximate="tanh")
+        return self.w2(g * self.w3(x))

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ["compat", "devices", "moe", "model", "parallelism", "checkpointing", "health", "cost", "train",
+PACKAGES = ["compat", "moeforge", "devices", "moe", "model", "parallelism", "checkpointing", "health", "cost", "train",
             "launch", "bench"]
 
 

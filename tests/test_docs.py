@@ -1,4 +1,4 @@
-"""The commands in docs/configs.md, docs/data.md and docs/distributed.md, as written.
+"""The commands in docs/configs.md, docs/data.md, docs/distributed.md and docs/distillation.md, as written.
 
 Commands that can run on this CPU run for real, in a scratch directory holding README.md and
 docs/ (their inputs). Commands for GPUs or several nodes (torchrun, srun) are composed and
@@ -18,7 +18,7 @@ import pytest
 from tests.train.runner import REPO, env
 from train.validate import validate_train_config
 
-DOCS = ["configs.md", "data.md", "distributed.md"]
+DOCS = ["configs.md", "data.md", "distributed.md", "distillation.md"]
 
 
 def commands(doc: str) -> list[str]:
@@ -70,6 +70,10 @@ def test_doc_command(doc, cmd, tmp_path):
     assert args[0] == "python", cmd
     shutil.copy(REPO / "README.md", tmp_path / "README.md")
     shutil.copytree(REPO / "docs", tmp_path / "docs")
+    if "distill.teacher=" in cmd:  # the distillation.md pair: train the teacher first, as the doc does
+        first = next(c for d, c in ALL if d == doc and "run_name=teacher" in c)
+        subprocess.run([sys.executable, *shlex.split(first)[1:]], cwd=tmp_path, env=env(), check=True,
+                       capture_output=True, timeout=600)
     if "data=shards" in cmd:  # the data.md pair: prepare first, as the doc does
         prep = next(c for d, c in ALL if d == doc and "train.prepare" in c)
         subprocess.run([sys.executable, *shlex.split(prep)[1:]], cwd=tmp_path, env=env(), check=True,

@@ -18,6 +18,7 @@ from model.config import ModelConfig
 from model.fp8 import Fp8Config
 from parallelism.config import DeepSpeedConfig, ParallelConfig
 from train.data.config import DataConfig
+from train.distill.config import DistillConfig
 
 # The sections other packages own, composed below (and importable from here for Hydra users).
 __all__ = ["TrainConfig", "TrainerConfig", "OptimConfig", "LoggingConfig", "ClusterConfig", "CostConfig",
@@ -62,6 +63,14 @@ class OptimConfig:
 
 
 @dataclass
+class PrometheusConfig:
+    """Rank 0 serves /metrics (train/prometheus.py, docs/monitoring.md); needs the `prometheus` extra."""
+
+    port: int = 0  # 0 = off; not 8080 (HyperPod EKS's elastic agent owns it)
+    addr: str = "0.0.0.0"  # listen address; 127.0.0.1 to keep it on the node
+
+
+@dataclass
 class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "moeforge"
@@ -72,6 +81,9 @@ class LoggingConfig:
     tensorboard: bool = False
     progress: str = "auto"  # auto (bar on a TTY) | on | off
     jsonl: bool = True
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    # Alerts (moeforge/alerts.py) as a JSON POST {"text": ...} (Slack-compatible) to this URL; "" = off.
+    alert_webhook: str = ""
 
 
 @dataclass
@@ -89,3 +101,4 @@ class TrainConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)

@@ -11,6 +11,7 @@ import torch
 
 from devices.runtime import Runtime
 from train.config import TrainConfig
+from train.init_from import init_from_pretrained
 from train.step import StepInputs, StepResult, accumulate, finish_step
 
 
@@ -42,6 +43,7 @@ class DeepSpeedEngine:
         if t.activation_checkpointing:
             apply_activation_checkpointing(model, t.ac_policy, t.ac_every)
         model.init_weights(t.seed, device=runtime.device)
+        init_from_pretrained(model, cfg)  # before DeepSpeed copies the weights into its master copy
         optimizer = build_optimizer(model, cfg.optim, runtime.device_type)
         config = deepspeed_config(cfg.parallel.deepspeed, global_batch_size=t.global_batch_size,
                                   micro_batch_size=micro, grad_accum=n_micro, grad_clip=t.grad_clip,

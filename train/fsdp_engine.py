@@ -13,6 +13,7 @@ from parallelism.parallelize import ParallelizeResult
 from parallelism.process_group import DistContext
 from devices.runtime import Runtime
 from train.config import TrainConfig, TrainerConfig
+from train.init_from import init_from_pretrained
 from train.optim import build_optimizer
 from train.step import StepInputs, StepResult, train_step
 
@@ -61,6 +62,7 @@ class FSDP2Engine:
                                activation_checkpointing=t.activation_checkpointing, compile=t.compile,
                                ac_policy=t.ac_policy, ac_every=t.ac_every)
         model.init_weights(t.seed, device=runtime.init_device)
+        init_from_pretrained(model, cfg)  # model.init_from / init_from_dense: each rank its shards
         if runtime.init_device != runtime.device:
             model.to(runtime.device)  # XLA: initialised on CPU, then moved (devices/xla.py)
         optimizer = build_optimizer(model, cfg.optim, runtime.device_type)

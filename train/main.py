@@ -10,7 +10,9 @@ import logging
 import sys
 import os
 
+from checkpointing.errors import CheckpointError
 from moe.config import ConfigError
+from moeforge import alerts
 from parallelism.process_group import env_ranks, init_distributed, shutdown
 from train.config import TrainConfig
 from health.exit_codes import ExitCode
@@ -86,6 +88,9 @@ def run(cfg: TrainConfig) -> int:
 
     start_time = process_start_time()  # interpreter start and imports are billed too
     validate_train_config(cfg)  # before any process group or allocation
+    from train.strict import check_input_paths
+
+    check_input_paths(cfg)  # data.path, checkpoint.resume exist (exit 2), still before any allocation
     from health.runtime import HealthRuntime
     from parallelism.efa import apply_efa_env, versions_report
     from parallelism.process_group import apply_slurm_env
@@ -94,6 +99,7 @@ def run(cfg: TrainConfig) -> int:
     apply_slurm_env()  # srun without torchrun: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from Slurm
     directory = run_dir(cfg)
     rank, world, local_rank = env_ranks()
+    alerts.configure(run_name(cfg), enabled=rank == 0, webhook=cfg.logging.alert_webhook)
     health = HealthRuntime(cfg.health, rank=rank, local_rank=local_rank, world_size=world, run_dir=directory)
     health.apply_early_env()  # NCCL flight recorder: must precede the process group
     efa = apply_efa_env()
@@ -118,6 +124,7 @@ def run(cfg: TrainConfig) -> int:
         report = health.preflight(expected, cfg.cluster.instance_type) if runtime.device_type == "cuda" else None
         if report is not None and not report.healthy:
             code = ExitCode.UNHEALTHY
+            alerts.alert("unhealthy", f"preflight failed on this node: exit {int(code)}, resubmit elsewhere", "ERROR")
             return code
         from train.trainer import Trainer
 
@@ -127,11 +134,14 @@ def run(cfg: TrainConfig) -> int:
     except ConfigError:
         code = ExitCode.CONFIG_ERROR
         raise
-    except Exception:
+    except Exception as e:
         log.exception("training crashed")
+        if isinstance(e, CheckpointError):
+            alerts.alert("save_failed", f"checkpoint save failed, the run stopped: {e}", "ERROR")
         code = ExitCode.CRASH
         return code
     finally:
+        alerts.shutdown(timeout_s=10.0)  # queued webhooks go out before the process leaves
         health.shutdown()
         health.exit(code, "")  # torchrun reports 1 for any failure: the record keeps the real code
         shutdown()

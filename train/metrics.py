@@ -6,6 +6,8 @@ monitoring match it, so fields keep their order and formats:
     step=120 loss=3.4512 lr=3.00e-04 tok/s=18234 tok/s/gpu=9117 mfu=41.2% mem=12.3GiB \
 $/Mtok=0.412 spent=$1.23 eta=0:12:34 tok/$=2427184 val_loss=3.5012 data_wait=1.5%
 
+(a distillation run adds ``lm_loss=3.4512 kd_loss=0.8123`` after ``val_loss``)
+
 =========  ================  ======================================  =====================
 field      metrics dict key  format                                  unit in the dict
 =========  ================  ======================================  =====================
@@ -21,6 +23,8 @@ spent      spent_usd         ``$`` + 2 decimals                      $ all attem
 eta        eta_s             ``H:MM:SS`` (hours may exceed 24)       seconds
 tok/$      tok_per_usd       integer (optional)                      tokens per $
 val_loss   val_loss          4 decimals (optional)                   nats/token
+lm_loss    lm_loss           4 decimals (optional, distillation)     nats/token (= loss)
+kd_loss    kd_loss           4 decimals (optional, distillation)     T^2-scaled KL, nats
 data_wait  data_wait         1 decimal + ``%`` (optional)            fraction of step time
 ckpt_stall ckpt/stall_s      3 decimals + ``s`` (optional)           seconds lost to checkpointing in the loop
 =========  ================  ======================================  =====================
@@ -41,6 +45,7 @@ import sys
 import time
 from typing import Any, Dict, IO, Mapping, Optional
 
+from moeforge.alerts import attach_wandb
 from train.config import LoggingConfig
 
 NA = "n/a"
@@ -102,6 +107,9 @@ _REQUIRED = (
 _OPTIONAL = (
     ("tok/$", "tok_per_usd", lambda v: _fmt_fixed(v, 0), float),
     ("val_loss", "val_loss", lambda v: _fmt_fixed(v, 4), float),
+    # distill.teacher: the cross-entropy (= loss) and the KD term of the objective
+    ("lm_loss", "lm_loss", lambda v: _fmt_fixed(v, 4), float),
+    ("kd_loss", "kd_loss", lambda v: _fmt_fixed(v, 4), float),
     ("data_wait", "data_wait", lambda v: _fmt_fixed(v, 1, "%", scale=100.0),
      lambda t: float(t[:-1]) / 100.0),
     # Seconds this log step lost to checkpointing in the loop (the snapshot of a save, a staging
@@ -123,6 +131,8 @@ METRIC_LINE_PATTERN = (
     rf" \$/Mtok=(?P<usd_per_mtok>{_V}) spent=(?P<spent_usd>{_DOLLAR_V}) eta=(?P<eta_s>{_V})"
     rf"(?: tok/\$=(?P<tok_per_usd>{_V}))?"
     rf"(?: val_loss=(?P<val_loss>{_V}))?"
+    rf"(?: lm_loss=(?P<lm_loss>{_V}))?"
+    rf"(?: kd_loss=(?P<kd_loss>{_V}))?"
     rf"(?: data_wait=(?P<data_wait>{_V}))?"
     rf"(?: ckpt_stall=(?P<ckpt_stall_s>{_V}))?"
     r"\s*$"
@@ -169,25 +179,8 @@ def parse_metric_line(line: str) -> Dict[str, Any]:
 
 # --- secrets -------------------------------------------------------------------------------------
 
-# Words that mark a config key as secret. Matched per word of the key (split on _ - . and case
-# changes), so `aws_secret_access_key`, `hf_token` and `storage_options.key` are hidden while
-# `tokenizer`, `tokens_per_step` and `keep_last` are not.
-_SECRET_WORDS = {"key", "token", "secret", "password", "passwd", "credential", "credentials"}
-REDACTED = "<redacted>"
-
-
-def is_secret_key(name: str) -> bool:
-    words = re.split(r"[_\-.\s]+|(?<=[a-z])(?=[A-Z])", str(name))
-    return any(w.lower() in _SECRET_WORDS for w in words if w)
-
-
-def redact_secrets(obj: Any) -> Any:
-    """A copy of a config tree (dicts/lists) with secret-looking keys' values replaced."""
-    if isinstance(obj, Mapping):
-        return {k: (REDACTED if is_secret_key(k) else redact_secrets(v)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact_secrets(v) for v in obj]
-    return obj
+# By key and by value (AWS key ids, user:pass@ in URLs, bearer tokens): train/redact.py.
+from train.redact import REDACTED, is_secret_key, redact_secrets  # noqa: E402,F401  (re-exported)
 
 
 # --- logger --------------------------------------------------------------------------------------
@@ -247,6 +240,7 @@ class MetricsLogger:
         self._jsonl: Optional[IO[str]] = None
         self._bar_shown = False
         self._last_step = start_step
+        self._sinks: list = []
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -258,7 +252,11 @@ class MetricsLogger:
         if cfg.wandb:
             self._wandb_run = _open_wandb(run_dir, cfg, safe_config, resume_wandb_id)
             self.wandb_run_id = self._wandb_run.id if self._wandb_run is not None else None
+            attach_wandb(self._wandb_run)  # moeforge.alerts: wandb.alert for the run's alerts
         self._progress = _progress_enabled(cfg.progress, self.stream)
+        from train.prometheus import open_sinks
+
+        self._sinks = open_sinks(cfg, os.path.basename(os.path.normpath(run_dir)))  # /metrics (train/prometheus.py)
 
     # -- console ----------------------------------------------------------------------------------
 
@@ -320,6 +318,8 @@ class MetricsLogger:
             for k, v in scalars.items():
                 if k != "step":
                     self._tb.add_scalar(k, v, step)
+        for sink in self._sinks:
+            sink.log(step, scalars)
         return line
 
     def close(self) -> None:
@@ -336,8 +336,12 @@ class MetricsLogger:
             self._tb.close()
             self._tb = None
         if self._wandb_run is not None:
+            attach_wandb(None)
             self._wandb_run.finish()
             self._wandb_run = None
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
 
     def __enter__(self) -> "MetricsLogger":
         return self
@@ -385,7 +389,22 @@ def _open_wandb(run_dir: str, cfg: LoggingConfig, config: Dict[str, Any], run_id
             "pip install 'moeforge[wandb]' or set logging.wandb=false"
         ) from e
     mode = wandb_mode(cfg)
-    run = wandb.init(
+    from train.redact import redact_command
+
+    # W&B records the command line (sys.argv) in the run's metadata: it sees a redacted copy.
+    argv = list(sys.argv)
+    sys.argv = argv[:1] + redact_command(argv[1:])
+    try:
+        run = _wandb_init(wandb, cfg, config, run_dir, run_id, mode)
+    finally:
+        sys.argv = argv
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
+
+
+def _wandb_init(wandb, cfg: LoggingConfig, config: Dict[str, Any], run_dir: str, run_id: Optional[str], mode: str):
+    return wandb.init(
         project=cfg.wandb_project,
         entity=cfg.wandb_entity or None,
         name=str(config.get("run_name") or "") or None,
@@ -395,9 +414,6 @@ def _open_wandb(run_dir: str, cfg: LoggingConfig, config: Dict[str, Any], run_id
         config=config,
         mode=mode,
     )
-    run.define_metric("step")
-    run.define_metric("*", step_metric="step")
-    return run
 
 
 def _open_tensorboard(log_dir: str, start_step: int):

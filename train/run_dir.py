@@ -23,8 +23,22 @@ _TRAINER_EXCLUDES = {"max_steps", "log_every", "eval_every", "eval_batches", "co
 _PARALLEL_EXCLUDES = {"dp_replicate", "dp_shard", "ep", "backend", "timeout_s", "deepspeed"}
 
 
+# Keys added after runs existed, dropped while at their "off" value so those runs keep their names.
+_OFF_WHEN = {("model",): {"init_from": "", "init_from_dense": "", "embed_scale": False, "ffn_activation": "silu"},
+             ("model", "attention"): {"qk_norm_scope": "head"}, ("model", "rope"): {"local_theta": 0.0}}
+
+
 def identity(cfg) -> dict:
     d = dataclasses.asdict(cfg)
+    if not d.get("distill", {}).get("teacher"):
+        d.pop("distill", None)
+    for path, off in _OFF_WHEN.items():
+        section = d
+        for part in path:
+            section = section.get(part, {})
+        for k, v in off.items():
+            if k in section and section[k] == v:
+                section.pop(k)
     for k in _NAME_EXCLUDES:
         d.pop(k, None)
     for k in _TRAINER_EXCLUDES:

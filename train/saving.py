@@ -17,6 +17,7 @@ import time
 from typing import Any, Optional
 
 from checkpointing.schedule import BusySaves, deadline_message, emergency_estimate_s
+from moeforge.alerts import alert
 
 log = logging.getLogger("moeforge")
 
@@ -104,6 +105,8 @@ class Saver:
         tr.acct.on_checkpoint(blocked, tr.step)
         self.stall_s += blocked
         committed = result is not None and result.error is None
+        if result is not None and result.error is not None:
+            alert("save_failed", f"checkpoint at step {tr.step} failed, not committed: {result.error}", "ERROR")
         if emergency is not None:
             self._log_emergency(emergency, committed, result)
         else:

@@ -26,6 +26,7 @@ class StepResult:
     grad_norm: torch.Tensor
     data_wait_s: float
     verdict: str = "ok"  # the non-finite guard's: ok | skip | rollback | stop (no update unless ok)
+    kd_loss: torch.Tensor | None = None  # distillation term, averaged over micro-batches (distill.teacher)
 
 
 def _lm_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
@@ -68,6 +69,8 @@ class StepInputs:
     # The non-finite guard: global grad norm -> ok | skip | rollback | stop (no update unless ok).
     guard: Callable[[torch.Tensor], str] | None = None
     poison: bool = False  # fault injection (health.fault_inject_nan_steps): a NaN loss this step
+    # Distillation (train/distill/step.py): (logits_BTV, inputs_BT, lm_loss) -> (objective, kd_loss).
+    kd: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -78,10 +81,11 @@ class Accumulated:
     aux_sum: torch.Tensor
     data_wait_s: float
     n_micro: int
+    kd_sum: torch.Tensor | None = None
 
     def result(self, grad_norm: torch.Tensor, verdict: str) -> StepResult:
         return StepResult(self.loss_sum / self.n_micro, self.aux_sum / self.n_micro, grad_norm, self.data_wait_s,
-                          verdict)
+                          verdict, None if self.kd_sum is None else self.kd_sum / self.n_micro)
 
 
 def accumulate(inputs: StepInputs, runtime: Runtime,
@@ -91,6 +95,7 @@ def accumulate(inputs: StepInputs, runtime: Runtime,
     loss, ``backward(loss + aux, i)`` (the engine scales by the accumulation count its own way)."""
     loss_sum = torch.zeros((), device=runtime.device)
     aux_sum = torch.zeros((), device=runtime.device)
+    kd_sum = None if inputs.kd is None else torch.zeros((), device=runtime.device)
     data_wait = 0.0
     for i in range(inputs.n_micro):
         inputs_BT, targets_BT, wait_s = next_micro_batch(inputs.micro_batches, runtime)
@@ -99,11 +104,15 @@ def accumulate(inputs: StepInputs, runtime: Runtime,
         loss = lm_loss(logits_BTV, targets_BT, compiled_loss)
         if inputs.poison:  # fault injection (health.fault_inject_nan_steps): drills of the NaN guard
             loss = loss * float("nan")
-        backward(loss + aux, i)
+        objective = loss
+        if inputs.kd is not None:
+            objective, kd_loss = inputs.kd(logits_BTV, inputs_BT, loss)
+            kd_sum += kd_loss.detach()
+        backward(objective + aux, i)
         loss_sum += loss.detach()
         aux_sum += aux.float().detach()
         runtime.sync()  # XLA: one traced graph per micro-batch, whatever the accumulation count
-    return Accumulated(loss_sum, aux_sum, data_wait, inputs.n_micro)
+    return Accumulated(loss_sum, aux_sum, data_wait, inputs.n_micro, kd_sum)
 
 
 def finish_step(model: torch.nn.Module, inputs: StepInputs, acc: Accumulated, grad_norm: torch.Tensor,

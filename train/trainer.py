@@ -14,6 +14,7 @@ from moe.balance import routing_stats
 from devices.runtime import Runtime
 from train.config import TrainConfig
 from health.exit_codes import ExitCode
+from moeforge.alerts import alert
 from train.engine import build_engine
 from train.optim import lr_at, set_lr
 from train.step import StepInputs, evaluate
@@ -21,6 +22,7 @@ from train.validate import resolved_micro_batch
 
 log = logging.getLogger("moeforge")
 
+STOP_ALERTS = {ExitCode.PREEMPTED: "preemption", ExitCode.UNHEALTHY: "unhealthy"}  # budget: cost.alert_* levels
 FIRST_STEP_GRACE_S = 900.0  # compile and first-touch allocations: the hang watchdog waits longer
 
 
@@ -36,6 +38,9 @@ class Trainer:
         self.metrics = None
         self._resume_wandb_id = None
         self.saver = None  # train/saving.py, once the checkpoint manager exists
+        from train.ops_metrics import OpsMetrics
+
+        self._ops = OpsMetrics()  # checkpoint age, health flags for the row (Prometheus, dashboards)
 
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
@@ -71,6 +76,12 @@ class Trainer:
         self.acct = RunAccounting(self.cluster, cfg.cost, self.run_dir, self.start_time, rank=self.ctx.rank)
         self.cost = self.acct.meter
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self.kd = None
+        if cfg.distill.teacher:  # the teacher's forward FLOPs count in MFU and $/Mtok too
+            from train.distill.step import build_kd
+
+            self.kd, teacher_flops = build_kd(cfg, self.ctx, self.runtime)
+            self.flops_per_token += teacher_flops
 
     def _ckpt_base(self) -> str:
         # <checkpoint.root>/<run_name>/step_N; root defaults to the parent of the run directory.
@@ -184,7 +195,7 @@ class Trainer:
                 result = self.engine.step(StepInputs(iter(batches), self.n_micro,
                                                      before_optimizer_step=self.ckpt.wait,
                                                      guard=self.hr.nan_guard.check,
-                                                     poison=(self.step + 1) in inject))
+                                                     poison=(self.step + 1) in inject, kd=self.kd))
             first = False
             step_s = time.perf_counter() - t_step
             step_s -= self.saver.take_step_wait()  # staging=host: the step waited for a save's host copy
@@ -226,6 +237,9 @@ class Trainer:
                 self.hr.flags.request(ExitCode.BUDGET_EXHAUSTED, budget)
             # Every rank, every step: one small all-reduce decides together whether to stop.
             stop = self.hr.at_boundary(self.step)
+            if stop is not None and stop.code in STOP_ALERTS:  # the agreed stop: rank 0 alerts once
+                alert(STOP_ALERTS[stop.code], f"step {self.step}: {stop.reason} (exit {stop.code})",
+                      "ERROR" if stop.code == ExitCode.UNHEALTHY else "WARN")
             done = self.step >= t.max_steps or early is not None
             code, reason = (stop.code, stop.reason) if stop else (ExitCode.OK, early or "done")
             final = done or stop is not None
@@ -287,8 +301,10 @@ class Trainer:
             raise RuntimeError(f"non-finite state at step {bad_step} and no committed checkpoint to roll back to")
         self.samples = samples
         self.hr.nan_guard.reset()
-        log.warning("step %d: non-finite %d times in a row; rolled back to the commit at step %d and skipped "
-                    "the data up to sample %d", bad_step, self.cfg.health.nan_max_skips + 1, self.step, samples)
+        msg = (f"step {bad_step}: non-finite {self.cfg.health.nan_max_skips + 1} times in a row; rolled back to "
+               f"the commit at step {self.step} and skipped the data up to sample {samples}")
+        log.warning(msg)
+        alert("nan_rollback", msg)
 
     def _save(self, emergency=None) -> bool:
         """Save this step (train/saving.py); True when it is committed."""
@@ -325,8 +341,11 @@ class Trainer:
         m.update(self.acct.metrics(tokens))
         m.update(self.hr.metrics())
         m.update(self.saver.row_metrics())  # ckpt/stall_s: what checkpointing cost the loop since the last row
+        m.update(self._ops.row(self.ckpt, self.hr))
         if val_loss is not None:
             m["val_loss"] = val_loss
+        if result.kd_loss is not None:  # loss= stays the cross-entropy; the objective mixes both
+            m["kd_loss"], m["lm_loss"] = _mean(result.kd_loss, self.ctx.distributed), m["loss"]
         if self.runtime.xla is not None:  # graphs compiled so far: growing every step = recompiling
             m["xla_compiles"] = self.runtime.xla.compilations()
         if cfg.model.moe.n_experts:
@@ -364,3 +383,11 @@ def _as_dict(cfg: TrainConfig) -> dict:
     from train.metrics import redact_secrets
 
     return redact_secrets(dataclasses.asdict(cfg))
+
+
+def _mean(t: torch.Tensor, distributed: bool) -> float:
+    """The global mean of a per-rank scalar (every rank calls it)."""
+    t = t.detach().clone()
+    if distributed:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.AVG)
+    return t.item()

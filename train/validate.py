@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from model.config import validate_model_config
+from train.distill.config import validate_distill_config
 from moe.config import ConfigError
 from train.config import TrainConfig
 from train.data.config import validate_data_config
@@ -42,8 +43,13 @@ def resolved_micro_batch(cfg: TrainConfig, world_size: int) -> int:
 def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> None:
     world_size = world_size_from_env() if world_size is None else world_size
     t, o, c, p = cfg.trainer, cfg.optim, cfg.checkpoint, cfg.parallel
+    from train.strict import range_errors, scheme_errors
+
+    for error in range_errors(cfg) + scheme_errors(cfg):  # every numeric key's range; path schemes
+        _fail(error)
     validate_model_config(cfg.model)
     validate_data_config(cfg.data)
+    validate_distill_config(cfg.distill)
     for key in ("max_steps", "global_batch_size", "seq_len", "log_every"):
         if getattr(t, key) < 1:
             _fail(f"trainer.{key}={getattr(t, key)} must be >= 1")
@@ -104,10 +110,10 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(error)
     from parallelism.validate import parallel_errors
 
+    if p.engine == "deepspeed":  # first: its refusals (e.g. of EP) say more than the layout rules
+        _validate_deepspeed(cfg, world_size)
     for error in parallel_errors(p, world_size, cfg.model.moe.n_experts):
         _fail(error)
-    if p.engine == "deepspeed":
-        _validate_deepspeed(cfg, world_size)
 
 
 def _validate_deepspeed(cfg: TrainConfig, world_size: int) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from model.attention.kernels import attend
 from model.config import ModelConfig
 from model.norms import RMSNorm
-from model.rope import apply_rope, rope_cos_sin, yarn_softmax_mscale
+from model.rope import apply_rope, rope_cos_sin, rope_for_window, yarn_softmax_mscale
 
 
 class MLAttention(nn.Module):
@@ -32,7 +32,7 @@ class MLAttention(nn.Module):
         self.v_head_dim = a.v_head_dim
         self.window = int(window)
         self.backend = a.backend
-        self.rope = cfg.rope
+        self.rope = rope_for_window(cfg.rope, self.window)
         # With YaRN, DeepSeek-V3 also rescales the logits by mscale(factor, mscale_all_dim)^2.
         self.scale = yarn_softmax_mscale(cfg.rope) / math.sqrt(self.qk_head_dim)
         H = self.n_heads

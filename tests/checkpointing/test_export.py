@@ -99,7 +99,8 @@ def test_export_deepseek_v3(tmp_path, q_lora_rank, layout):
 
 def test_export_refuses_what_hf_cannot_express(tmp_path, capsys):
     cfg = _llama_cfg()
-    cfg.attention.qk_norm = True
+    cfg.attention.qk_norm = True  # -> Qwen3ForCausalLM, whose QK-norm is per head, not over the projection
+    cfg.attention.qk_norm_scope = "projection"
     _, run_dir = _run_with_checkpoint(tmp_path, cfg)
     assert cli_main(["export", run_dir, "--out", str(tmp_path / "hf")]) == 1
     assert "qk_norm" in capsys.readouterr().out

@@ -13,6 +13,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM_SH = REPO / "launch" / "slurm_localhost.sh"
+# The training program in a rendered job (launch/entry.py): the console script, or python -m moeforge.
+PROGRAM_RE = r"(?:--no-python \S*moeforge train|-m moeforge train)"
 
 # Tiny, bounded Slurm jobs: the tiny model, seq 64, batch 4 (2 shared CPU cores in CI).
 TINY = ["trainer.seq_len=64", "trainer.global_batch_size=4", "trainer.log_every=1",

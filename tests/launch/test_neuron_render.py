@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.launch.common import TINY, field, launch
+from tests.launch.common import PROGRAM_RE, TINY, field, launch
 
 NEURON = ["cluster=trn1.32xlarge", "trainer.device=neuron", *TINY]
 
@@ -31,7 +31,7 @@ def _render(tmp_path, *extra, target="hyperpod"):
 def _precompile_overrides(script: str) -> list[str]:
     """The trainer overrides of the neuron_parallel_compile trial run."""
     block = script.split('"$NEURON_PARALLEL_COMPILE"', 1)[1]
-    m = re.search(r"-m train (.*) &\n", block)
+    m = re.search(rf"{PROGRAM_RE} (.*) &\n", block)
     assert m, block[:2000]
     return shlex.split(m.group(1))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.launch.common import TINY, field, launch
+from tests.launch.common import PROGRAM_RE, TINY, field, launch
 
 
 def test_slurm_dry_run_renders_the_resilience_contract(tmp_path):
@@ -30,7 +30,9 @@ def test_slurm_dry_run_renders_the_resilience_contract(tmp_path):
                  "SLURM_RESTART_COUNT"):
         assert line in script, line
     assert "--local-addr" not in script.split("srun --kill")[1]  # several nodes: torchrun picks its address
-    assert re.search(r"^\s+-m train .*cluster=p5\.48xlarge", script, re.M)
+    # the working-directory-immune program (launch/entry.py), never `-m train`
+    assert re.search(rf"^\s+{PROGRAM_RE} .*cluster=p5\.48xlarge", script, re.M)
+    assert "-m train" not in script
     # the step runs in the background so the traps run while it does
     assert re.search(r"&\nstep_pid=\$!", script)
     subprocess.run(["bash", "-n", str(script_path)], check=True)
@@ -98,7 +100,8 @@ def test_hyperpod_eks_manifest_is_schema_valid_for_p5(tmp_path):
     c = pod["containers"][0]
     assert c["command"][0] == "hyperpodrun" and "--nnodes=4" in c["command"] and "--nproc-per-node=8" in c["command"]
     assert {"trainer.max_steps=1000", "cluster=p5.48xlarge", "cluster.nodes=4"} <= set(c["command"])
-    assert c["command"][c["command"].index("-m") + 1] == "train"
+    i = c["command"].index("--no-python")  # the image's console script: immune to the working directory
+    assert c["command"][i + 1:i + 3] == ["moeforge", "train"] and "-m" not in c["command"]
     assert c["resources"]["limits"] == {"nvidia.com/gpu": 8, "vpc.amazonaws.com/efa": 32}
     assert c["resources"]["requests"] == c["resources"]["limits"]
     env = {e["name"]: e["value"] for e in c["env"]}

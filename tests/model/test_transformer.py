@@ -114,8 +114,11 @@ BAD = [
     (lambda c: setattr(c.attention, "head_dim", 33), "must be even for RoPE"),
     (lambda c: setattr(c.attention, "layer_kinds", ["mla", "gqa"]), "needs one per layer"),
     (lambda c: setattr(c.attention, "layer_kinds", ["mla", "gqa", "xyz", "gqa"]), "'xyz' must be one of"),
-    (lambda c: setattr(c, "norm_placement", "post"), "model.norm_placement='post'"),
+    (lambda c: setattr(c, "norm_placement", "sandwich"), "model.norm_placement='sandwich'"),  # "post" is OLMo 2 now
     (lambda c: setattr(c.moe, "score_func", "relu"), "model.moe.score_func='relu'"),
+    (lambda c: setattr(c, "ffn_activation", "relu"), "model.ffn_activation='relu' must be one of"),
+    (lambda c: setattr(c.attention, "qk_norm_scope", "all"), "model.attention.qk_norm_scope='all'"),
+    (lambda c: setattr(c.rope, "local_theta", -1.0), "model.rope.local_theta=-1.0"),
 ]
 
 
