@@ -233,6 +233,8 @@ RANGES: Dict[str, Range] = {
     # checkpoint
     "checkpoint.every_steps": ge(0, "0 = only the final save"), "checkpoint.keep_last": ge(1, "the newest commit is always kept"),
     "checkpoint.keep_every": ge(0, "0 = off"),
+    "checkpoint.write_threads": ONE, "checkpoint.write_bandwidth_gbps": POS,
+    "checkpoint.fault_inject_write_delay_s": ge(0, "0 = off"),
     # cluster
     "cluster.accelerators_per_node": ge(0, "0 = whatever the process sees"), "cluster.nodes": ONE,
     "cluster.price_on_demand_per_hour": NONNEG, "cluster.price_spot_per_hour": NONNEG,
