@@ -207,6 +207,7 @@ RANGES: Dict[str, Range] = {
     "model.rope.theta": POS, "model.rope.yarn_factor": gt(0, "1 = no YaRN scaling"),
     "model.rope.yarn_original_max_position": ONE, "model.rope.yarn_beta_fast": POS,
     "model.rope.yarn_beta_slow": POS, "model.rope.yarn_mscale": POS, "model.rope.yarn_mscale_all_dim": NONNEG,
+    "model.rope.local_theta": ge(0, "0 = model.rope.theta on every layer"),
     "model.moe.n_experts": ge(0, "0 = dense model"), "model.moe.top_k": ONE, "model.moe.expert_dim": ONE,
     "model.moe.n_shared_experts": NONNEG, "model.moe.first_k_dense": NONNEG, "model.moe.moe_every": ONE,
     "model.moe.route_scale": POS, "model.moe.n_groups": ONE, "model.moe.topk_groups": ONE,
@@ -232,9 +233,8 @@ RANGES: Dict[str, Range] = {
     "parallel.deepspeed.reduce_bucket_size": ONE,
     # checkpoint
     "checkpoint.every_steps": ge(0, "0 = only the final save"), "checkpoint.keep_last": ge(1, "the newest commit is always kept"),
-    "checkpoint.keep_every": ge(0, "0 = off"),
-    "checkpoint.write_threads": ONE, "checkpoint.write_bandwidth_gbps": POS,
-    "checkpoint.fault_inject_write_delay_s": ge(0, "0 = off"),
+    "checkpoint.keep_every": ge(0, "0 = off"), "checkpoint.write_threads": ONE, "checkpoint.write_bandwidth_gbps": POS,
+    "checkpoint.fault_inject_write_delay_s": NONNEG,
     # cluster
     "cluster.accelerators_per_node": ge(0, "0 = whatever the process sees"), "cluster.nodes": ONE,
     "cluster.price_on_demand_per_hour": NONNEG, "cluster.price_spot_per_hour": NONNEG,
@@ -253,6 +253,9 @@ RANGES: Dict[str, Range] = {
     "health.nan_max_skips": NONNEG, "health.nan_max_rollbacks": NONNEG, "health.fault_inject_nan_steps": ONE,
     "health.fault_inject_rank": NONNEG, "health.fault_inject_hang_step": ge(0, "0 = off"),
     "health.fault_inject_slow_s": NONNEG,
+    # distill
+    "distill.alpha": within(0, 1, why="loss = (1 - alpha) * CE + alpha * KD"), "distill.temperature": POS,
+    "distill.top_k_logits": ge(0, "0 = the full vocabulary"), "distill.chunk_tokens": ONE,
     # logging, neuron
     "logging.prometheus.port": within(0, 65535, why="0 = off"),
     "neuron.precompile_steps": ge(0, "0 = no precompile run"),
