@@ -418,25 +418,31 @@ class CheckpointManager(AsyncSaves):
         to load is skipped with a warning naming it and the next older one is tried; if committed
         checkpoints exist and all fail, CheckpointError (never a silent fresh start). Returns the
         loaded checkpoint's meta (see ``load``), or None for a fresh start."""
-        if self.rank == 0:
+        candidates = None
+        if self.rank == 0:  # rank 0 chooses; every rank loads what it chose, or all stop
             disk_space.warn_capacity(self.storage, self.run_dir, state, self.cfg.keep_last,
                                      engine=isinstance(state, EngineState))
-        candidates = resume.resume_candidates(self.cfg.resume, self.run_dir, self.storage,
-                                              self.storage_options)
-        if self.cfg.resume == resume.AUTO and self.uploader is not None:
-            candidates = self._two_tier_candidates(candidates)
+            candidates = resume.resume_candidates(self.cfg.resume, self.run_dir, self.storage,
+                                                  self.storage_options)
+            if self.cfg.resume == resume.AUTO and self.uploader is not None:
+                candidates = self._two_tier_candidates(candidates)
+        candidates = self._broadcast_from_0(candidates)
         if not candidates:
             if self.cfg.resume == resume.AUTO:
                 log.info("no committed checkpoint under %s: starting fresh", self.run_dir)
             return None
         if self.cfg.resume != resume.AUTO:
+            resume.agree_readable(candidates[0], self.storage_options, self._all_errors, self.world_size)
             return self.load(candidates[0], state)
         failures = []
         for path in candidates:
-            try:
+            try:  # a step no rank can read (corrupt, half deleted) is skipped by all, together
+                unreadable = resume.agree_readable(path, self.storage_options, self._all_errors, self.world_size)
+                if unreadable:
+                    raise CheckpointError(unreadable)
                 meta = self.load(path, state)
-            except UnsafeCheckpointError:
-                raise  # a crafted file: stop for a person to look, never fall back past it
+            except (UnsafeCheckpointError, resume.RanksDisagree):
+                raise  # a crafted file, or ranks that cannot all read the step: never fall back past it
             except CheckpointError as e:
                 log.warning("skipping checkpoint %s: %s; trying the next older one", path, e)
                 failures.append(str(e))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional
 
 from checkpointing import commit, layout
 from checkpointing.errors import CheckpointError
@@ -48,3 +48,31 @@ def resolve_resume(mode: str, run_ckpt_dir: str, storage: Optional[Storage] = No
     manager's ``load_latest`` falls back to older ones when that one fails to load)."""
     cands = resume_candidates(mode, run_ckpt_dir, storage, storage_options)
     return cands[0] if cands else None
+
+
+class RanksDisagree(CheckpointError):
+    """Some ranks can read the chosen step and some cannot: every rank stops (never an older step)."""
+
+
+def agree_readable(path: str, storage_options: Optional[Mapping[str, Any]],
+                   all_errors: Callable[[Optional[str]], List[str]], world: int) -> Optional[str]:
+    """Collective (``all_errors`` all-gathers one error per rank): can every rank read ``path``
+    (commit marker, meta, trainer state)? None when all can; the shared error when none can;
+    CheckpointError on every rank when only some can: loading an older step on those ranks would
+    resume the ranks from different steps."""
+    error = None
+    try:
+        st = Storage(path, storage_options)
+        if not commit.is_committed(st, path):
+            raise CheckpointError(f"{path} is not a committed checkpoint (no {layout.COMMIT_MARKER})")
+        commit.read_meta(st, path)
+        commit.read_trainer_state(st, path)
+    except Exception as e:  # noqa: BLE001 - agreed on below, then raised on every rank
+        error = f"{type(e).__name__}: {e}"
+    errors = all_errors(error)
+    if errors and len(errors) < world:
+        raise RanksDisagree(
+            f"rank 0 chose to resume from {path}, but not every rank can read it ({'; '.join(errors)}). "
+            "Refusing to load an older step on some ranks: is checkpoint.root on storage every node shares? "
+            "Retry after a transient storage error.")
+    return errors[0] if errors else None

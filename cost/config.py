@@ -16,7 +16,7 @@ class ClusterConfig:
     instance_type: str = "local"
     accelerator: str = "auto"  # device name for the peak-FLOPs table; auto = detect
     accelerators_per_node: int = 0  # 0 = whatever the process sees
-    nodes: int = 1
+    nodes: int = 0  # 0 = the launcher's count (cost/nodes.py); set: must equal it
     lifecycle: str = "on_demand"  # on_demand | spot
     price_on_demand_per_hour: float = 0.0  # $ per instance-hour
     price_spot_per_hour: float = 0.0

@@ -206,9 +206,11 @@ class RunAccounting:
     def __init__(self, cluster: ClusterConfig, cost_cfg: CostConfig, run_dir: str,
                  start_time: float, *,
                  rank: int = 0, clock: Callable[[], float] = time.time,
-                 hooks: Sequence[Callable[[str, str], None]] = ()):
+                 hooks: Sequence[Callable[[str, str], None]] = (),
+                 rate_usd_per_hour: Optional[float] = None):
         self.cfg, self.run_dir, self.clock = cost_cfg, run_dir, clock
-        self.meter = CostMeter.from_config(cluster, cost_cfg, start_time=start_time)
+        self.meter = CostMeter.from_config(cluster, cost_cfg, start_time=start_time,
+                                           rate_usd_per_hour=rate_usd_per_hour)
         self.ledger = GoodputLedger()
         self.budget = Budget.from_config(cost_cfg, hooks)
         self.heartbeat = Heartbeat(run_dir, cost_cfg.heartbeat_every_s, enabled=rank == 0)
@@ -220,9 +222,12 @@ class RunAccounting:
 
     # -- start --------------------------------------------------------------------------------
 
-    def resume(self, trainer_state: Optional[Dict[str, Any]], step: int) -> ResumeInfo:
-        """After build/resume (``trainer_state`` None on a fresh start): continue every total."""
-        hb = read_heartbeat(self.run_dir)
+    def resume(self, trainer_state: Optional[Dict[str, Any]], step: int,
+               heartbeat: Any = "read") -> ResumeInfo:
+        """After build/resume (``trainer_state`` None on a fresh start): continue every total.
+        ``heartbeat``: the heartbeat as rank 0 read it before anyone wrote (train/agree.py; None:
+        there is none); by default this process reads it itself (one process, tests)."""
+        hb = read_heartbeat(self.run_dir) if heartbeat == "read" else heartbeat
         info = resume_accounting(self.meter, self.ledger, trainer_state, hb, step)
         fired, stopped = set(), None
         for src in ((trainer_state or {}).get("budget"), (hb or {}).get("budget")):  # hb is newer
@@ -304,6 +309,7 @@ class RunAccounting:
         """Cost fields of the metric line plus ``goodput/*`` keys for JSONL/W&B."""
         now = self.clock()
         out: Dict[str, Any] = dict(self.meter.metrics(tokens, now))
+        out["nodes"] = self.meter.current.get("nodes")  # nodes billed: metric line and JSONL
         out.update(self.ledger.metrics(self.meter.elapsed_paid_s(now)))
         return out
 

@@ -52,10 +52,11 @@ def price_per_instance_hour(cluster: ClusterConfig, cost: CostConfig) -> float:
 
 
 def usd_per_hour(cluster: ClusterConfig, cost: CostConfig) -> float:
-    """$ per wall-clock hour for the whole run: instance price x nodes."""
-    if cluster.nodes < 1:
-        raise ValueError(f"cluster.nodes={cluster.nodes} must be >= 1")
-    return price_per_instance_hour(cluster, cost) * cluster.nodes
+    """$ per wall-clock hour for the whole run: instance price x nodes. ``cluster.nodes=0`` (unset)
+    counts as one node here; the trainer replaces it by the launched count first (cost/nodes.py)."""
+    if cluster.nodes < 0:
+        raise ValueError(f"cluster.nodes={cluster.nodes} must be >= 0")
+    return price_per_instance_hour(cluster, cost) * max(1, cluster.nodes)
 
 
 def process_start_time() -> float:
@@ -152,10 +153,14 @@ class CostMeter:
 
     @classmethod
     def from_config(
-        cls, cluster: ClusterConfig, cost: CostConfig, start_time: Optional[float] = None
+        cls, cluster: ClusterConfig, cost: CostConfig, start_time: Optional[float] = None,
+        rate_usd_per_hour: Optional[float] = None,
     ) -> "CostMeter":
-        return cls(usd_per_hour(cluster, cost), start_time=start_time,
-                   max_gap_billed_s=cost.max_gap_billed_s, nodes=cluster.nodes,
+        """``rate_usd_per_hour``: the whole run's rate when the nodes' prices were summed
+        (cost/nodes.py, heterogeneous node groups); else instance price x nodes."""
+        rate = usd_per_hour(cluster, cost) if rate_usd_per_hour is None else rate_usd_per_hour
+        return cls(rate, start_time=start_time,
+                   max_gap_billed_s=cost.max_gap_billed_s, nodes=max(1, cluster.nodes),
                    lifecycle=cluster.lifecycle)
 
     def _new_record(self, attempt: int, gap_s: float, gap_usd: float, gap_raw_s: float) -> Dict[str, Any]:

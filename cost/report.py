@@ -133,7 +133,8 @@ def compute(run_dir: str, ckpt_dir: Optional[str] = None) -> Dict[str, Any]:
                        spent_usd=spent, paid_s=paid_s or 0.0, ettr=ettr, tokens_done=tokens or 0,
                        target_tokens=float(_g(cfg, "cost.target_tokens", 0) or 0))
         out["projection"] = proj.as_dict() | {"step_time_s": step_time}
-        nodes = int(_g(cfg, "cluster.nodes", 1) or 1)
+        # cluster.nodes when set (checked against the launch); 0 = the launched count the meter billed
+        nodes = int(_g(cfg, "cluster.nodes", 0) or (history[-1].get("nodes") if history else None) or 1)
         od = float(_g(cfg, "cluster.price_on_demand_per_hour", 0.0) or 0.0) * nodes
         sp = float(_g(cfg, "cluster.price_spot_per_hour", 0.0) or 0.0) * nodes
         rs = restart_stats(history, gp["seconds"] if gp else {}, paid_s or 0.0)

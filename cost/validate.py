@@ -31,6 +31,6 @@ def validate_cost_config(cost: CostConfig) -> List[str]:
 def validate_cluster_config(cluster: ClusterConfig) -> List[str]:
     """Problems with the ``cluster`` section ([] when fine)."""
     errors = []
-    if cluster.nodes < 1:
-        errors.append(f"cluster.nodes={cluster.nodes} must be >= 1")
+    if cluster.nodes < 0:
+        errors.append(f"cluster.nodes={cluster.nodes} must be >= 0 (0 = the launched node count)")
     return errors

@@ -14,7 +14,7 @@ class HealthConfig:
     preflight: str = "quick"  # off | quick | deep: node check before training (ExitCode.UNHEALTHY when unhealthy)
     expected_gpus: int = 0  # GPUs per node preflight requires; 0 = cluster.accelerators_per_node (0: any)
     imds_interval_s: float = 5.0  # spot-notice poll period (AWS recommends 5 s)
-    imds_timeout_s: float = 0.5  # per IMDS request; the first failure turns the watcher off
+    imds_timeout_s: float = 0.5  # per IMDS request; 3 failed tries (with backoff) turn IMDS off, loudly
     act_on_rebalance: bool = False  # treat an EC2 rebalance recommendation like a spot notice
     nvml_interval_s: float = 30.0  # GPU health poll period; 0 = off
     ecc_uncorrected_max: int = 0  # volatile uncorrected ECC errors tolerated before ExitCode.UNHEALTHY
@@ -35,3 +35,4 @@ class HealthConfig:
     fault_inject_rank: int = 0  # the rank that hangs or straggles below
     fault_inject_hang_step: int = 0  # that rank sleeps forever before this step (0 = off)
     fault_inject_slow_s: float = 0.0  # that rank sleeps this long every step (a straggler)
+    fault_inject_raise_step: int = 0  # that rank raises RuntimeError before this step (0 = off)

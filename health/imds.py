@@ -8,9 +8,11 @@ every GET carries it in ``X-aws-ec2-metadata-token``. ``/latest/meta-data/spot/i
 Off EC2 nothing is sent at all: with the default endpoint the client first asks the machine itself
 (DMI vendor / hypervisor UUID, local files) whether it is an EC2 instance, and stays off when it is
 not, so a laptop or CI never sends a packet to 169.254.169.254. Where the machine does look like
-EC2, the first token request fails fast (short timeout) when IMDS is unreachable and the client
-disables itself. ``AWS_EC2_METADATA_DISABLED=true`` (the AWS SDKs' switch) turns it off outright;
-a non-default endpoint (a test's loopback server) is always probed.
+EC2, the token request is retried with backoff (``PROBE_ATTEMPTS``; one lost packet must not
+price a run at $0), then the client disables itself. A node that should have IMDS (EC2 by its DMI,
+or an endpoint set explicitly) and cannot reach it logs one WARNING saying what is off (spot
+notices, pricing) and which keys to set. ``AWS_EC2_METADATA_DISABLED=true`` (the AWS SDKs' switch)
+turns it off outright; a non-default endpoint (a test's loopback server) is always probed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ SPOT_ACTION_PATH = "/latest/meta-data/spot/instance-action"
 REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
 INSTANCE_TYPE_PATH = "/latest/meta-data/instance-type"
 LIFE_CYCLE_PATH = "/latest/meta-data/instance-life-cycle"
+
+PROBE_ATTEMPTS = 3  # token requests before IMDS is declared unreachable
+PROBE_BACKOFF_S = 0.25  # first wait between attempts; doubles each time
+_WARNED: set = set()  # endpoints already warned about in this process (once each)
 
 # IMDS is link-local: never route it through an HTTP(S)_PROXY from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -70,7 +76,9 @@ class ImdsClient:
         self.disabled = os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true" or not endpoint
         self._probed = False
         self.disabled_reason = "AWS_EC2_METADATA_DISABLED=true" if self.disabled else ""
-        if not self.disabled and self.endpoint == DEFAULT_ENDPOINT and not looks_like_ec2():
+        # Should this node have IMDS? EC2 by its own DMI, or an endpoint someone set on purpose.
+        self.on_ec2 = bool(endpoint) and (self.endpoint != DEFAULT_ENDPOINT or looks_like_ec2())
+        if not self.disabled and not self.on_ec2:
             self.disabled, self.disabled_reason = True, "not an EC2 instance (DMI/hypervisor)"
 
     # ------------------------------------------------------------------ protocol
@@ -89,14 +97,36 @@ class ImdsClient:
             return False
         if not self._probed:
             self._probed = True
-            try:
-                self._fetch_token()
-            except (OSError, urllib.error.URLError, ValueError) as e:
+            error = None
+            for attempt in range(PROBE_ATTEMPTS):
+                try:
+                    self._fetch_token()
+                    error = None
+                    break
+                except (OSError, urllib.error.URLError, ValueError) as e:
+                    error = e
+                    if attempt + 1 < PROBE_ATTEMPTS:
+                        time.sleep(PROBE_BACKOFF_S * 2 ** attempt)
+            if error is not None:
                 self.disabled = True
-                self.disabled_reason = f"no IMDSv2 at {self.endpoint} ({e.__class__.__name__}: {e})"
-                log.info("IMDS off: %s", self.disabled_reason)
+                self.disabled_reason = (f"no IMDSv2 at {self.endpoint} after {PROBE_ATTEMPTS} tries "
+                                        f"({error.__class__.__name__}: {error})")
+                self._warn_unreachable()
                 return False
+            if attempt:
+                log.info("IMDS answered at %s on try %d of %d", self.endpoint, attempt + 1, PROBE_ATTEMPTS)
         return True
+
+    def _warn_unreachable(self) -> None:
+        """Once per endpoint and process: on a node that should have IMDS this is not routine."""
+        if self.endpoint in _WARNED:
+            return
+        _WARNED.add(self.endpoint)
+        log.warning("IMDS unreachable on what looks like an EC2 instance: %s. Spot notices and pricing are "
+                    "off (no checkpoint-and-exit on a spot notice; the run is priced from cluster=, $0 for "
+                    "cluster=local). Set cost.price_per_hour=<$ per instance-hour> and check "
+                    "health.imds_endpoint=%s (or the instance's metadata options: IMDSv2, hop limit >= 2 "
+                    "in containers)", self.disabled_reason, self.endpoint)
 
     def get(self, path: str) -> str | None:
         """GET a metadata path: its body, or None on 404 / when disabled. Retries once on 401."""
@@ -185,8 +215,10 @@ class PreemptionWatcher:
             action = self.client.spot_instance_action()
             rebalance = self.client.rebalance_recommendation() if self.rebalance is None else None
         except (OSError, urllib.error.URLError, ValueError) as e:
-            self.errors += 1  # one failed poll is not a notice; keep polling
-            log.debug("IMDS poll failed: %s", e)
+            self.errors += 1  # one failed poll is not a notice; keep polling, but say so
+            if self.errors == 1 or self.errors % 60 == 0:  # the first, then every ~5 min at 5 s polls
+                log.warning("IMDS spot-notice poll failed (%d so far): %s: a spot notice may be missed while "
+                            "this lasts", self.errors, e)
             return
         if action and self.notice is None:
             self.notice = action

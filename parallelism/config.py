@@ -28,6 +28,7 @@ class ParallelConfig:
     dp_shard: int = -1  # -1: every rank not used by dp_replicate
     ep: int = 1
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
-    timeout_s: float = 600.0
+    timeout_s: float = 600.0  # collectives
+    init_timeout_s: float = 120.0  # process-group set-up (store + connect); past it: exit 1, restart
     engine: str = "fsdp2"  # fsdp2 | deepspeed (ZeRO 1-3; pip install -e '.[deepspeed]')
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)

@@ -19,6 +19,8 @@ def parallel_errors(p: ParallelConfig, world_size: int, n_experts: int) -> List[
     errs: List[str] = []
     if p.timeout_s <= 0:
         errs.append(f"parallel.timeout_s={p.timeout_s} must be > 0")
+    if p.init_timeout_s <= 0:
+        errs.append(f"parallel.init_timeout_s={p.init_timeout_s} must be > 0 (seconds for process-group set-up)")
     if p.engine not in ENGINES:
         errs.append(f"parallel.engine={p.engine!r} must be one of {ENGINES}")
     if p.backend not in BACKENDS:

@@ -91,6 +91,11 @@ def run(cfg: TrainConfig) -> int:
     from train.strict import check_input_paths
 
     check_input_paths(cfg)  # data.path, checkpoint.resume exist (exit 2), still before any allocation
+    from cost.nodes import check_nodes, launched_topology
+
+    nodes_error = check_nodes(cfg.cluster.nodes, launched_topology())
+    if nodes_error:  # every rank reads the same launcher variables: all stop here together
+        raise ConfigError(nodes_error)
     from health.runtime import HealthRuntime
     from parallelism.efa import apply_efa_env, versions_report
     from parallelism.process_group import apply_slurm_env
@@ -108,9 +113,13 @@ def run(cfg: TrainConfig) -> int:
     # Neuron compiler/cache/runtime variables: read when torch_xla is imported, so before that.
     xla_env = apply_xla_env(recommended_xla_env(cfg.trainer.device, cfg.neuron, directory, local_rank))
     runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, local_rank)
-    ctx = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, runtime.device_type)
+    ctx = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, runtime.device_type,
+                           cfg.parallel.init_timeout_s, on_init_timeout=lambda msg: _init_timeout_record(health, msg))
     health.group = ctx.control_group
-    code, trainer = ExitCode.CRASH, None
+    from health.fail_together import FailTogether
+
+    together = FailTogether(ctx.store, ctx.rank, directory).start()  # one rank raises: all leave, fast
+    code, trainer, reason, failed = ExitCode.CRASH, None, "", False
     try:
         setup_logging(directory, ctx.rank)
         if ctx.is_main:
@@ -138,12 +147,21 @@ def run(cfg: TrainConfig) -> int:
         log.exception("training crashed")
         if isinstance(e, CheckpointError):
             alerts.alert("save_failed", f"checkpoint save failed, the run stopped: {e}", "ERROR")
-        code = ExitCode.CRASH
+        code, failed = ExitCode.CRASH, True
+        reason = together.reason(together.fail(e))  # the first failure of any rank, named
+        log.error("exit %d: %s", code, reason)
         return code
     finally:
+        together.stop()
         alerts.shutdown(timeout_s=10.0)  # queued webhooks go out before the process leaves
         health.shutdown()
-        health.exit(code, "")  # torchrun reports 1 for any failure: the record keeps the real code
-        shutdown()
+        health.exit(code, reason)  # torchrun reports 1 for any failure: the record keeps the real code
+        if not (failed and ctx.distributed):  # after a failure a teardown can block on a peer: leave
+            shutdown()
         if trainer is not None:
             trainer.finish(code)
+
+
+def _init_timeout_record(health, message: str) -> None:
+    os.makedirs(health.run_dir, exist_ok=True)
+    health.exit(ExitCode.CRASH, message)

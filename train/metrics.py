@@ -4,7 +4,7 @@ The line (docs/ARCHITECTURE.md, "Contracts") is stable and regex-friendly; launc
 monitoring match it, so fields keep their order and formats:
 
     step=120 loss=3.4512 lr=3.00e-04 tok/s=18234 tok/s/gpu=9117 mfu=41.2% mem=12.3GiB \
-$/Mtok=0.412 spent=$1.23 eta=0:12:34 tok/$=2427184 val_loss=3.5012 data_wait=1.5%
+$/Mtok=0.412 spent=$1.23 eta=0:12:34 tok/$=2427184 val_loss=3.5012 data_wait=1.5% nodes=2
 
 (a distillation run adds ``lm_loss=3.4512 kd_loss=0.8123`` after ``val_loss``)
 
@@ -27,6 +27,7 @@ lm_loss    lm_loss           4 decimals (optional, distillation)     nats/token 
 kd_loss    kd_loss           4 decimals (optional, distillation)     T^2-scaled KL, nats
 data_wait  data_wait         1 decimal + ``%`` (optional)            fraction of step time
 ckpt_stall ckpt/stall_s      3 decimals + ``s`` (optional)           seconds lost to checkpointing in the loop
+nodes      nodes             integer (optional)                      nodes billed
 =========  ================  ======================================  =====================
 
 The first ten fields are always present; an unknown value prints ``n/a`` (MFU on a CPU, $/Mtok
@@ -115,6 +116,7 @@ _OPTIONAL = (
     # Seconds this log step lost to checkpointing in the loop (the snapshot of a save, a staging
     # wait): only on steps that had some.
     ("ckpt_stall", "ckpt/stall_s", lambda v: _fmt_fixed(v, 3, "s"), lambda t: float(t[:-1])),
+    ("nodes", "nodes", lambda v: str(int(v)), int),  # nodes billed (cost/nodes.py)
 )
 LINE_FIELDS = tuple(name for name, *_ in _REQUIRED + _OPTIONAL)
 LINE_KEYS = tuple(key for _, key, *_ in _REQUIRED + _OPTIONAL)
@@ -135,6 +137,7 @@ METRIC_LINE_PATTERN = (
     rf"(?: kd_loss=(?P<kd_loss>{_V}))?"
     rf"(?: data_wait=(?P<data_wait>{_V}))?"
     rf"(?: ckpt_stall=(?P<ckpt_stall_s>{_V}))?"
+    rf"(?: nodes=(?P<nodes>{_V}))?"
     r"\s*$"
 )
 METRIC_LINE_RE = re.compile(METRIC_LINE_PATTERN)

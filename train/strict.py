@@ -229,14 +229,15 @@ RANGES: Dict[str, Range] = {
     "optim.warmup_steps": NONNEG, "optim.decay_fraction": within(0, 1, lo_open=True),
     # parallel
     "parallel.dp_replicate": ONE, "parallel.dp_shard": ge(1, "-1 = every rank not used by dp_replicate", also=(-1,)),
-    "parallel.ep": ONE, "parallel.timeout_s": POS, "parallel.deepspeed.zero_stage": within(1, 3),
+    "parallel.ep": ONE, "parallel.timeout_s": POS, "parallel.init_timeout_s": POS,
+    "parallel.deepspeed.zero_stage": within(1, 3),
     "parallel.deepspeed.reduce_bucket_size": ONE,
     # checkpoint
     "checkpoint.every_steps": ge(0, "0 = only the final save"), "checkpoint.keep_last": ge(1, "the newest commit is always kept"),
     "checkpoint.keep_every": ge(0, "0 = off"), "checkpoint.write_threads": ONE, "checkpoint.write_bandwidth_gbps": POS,
     "checkpoint.fault_inject_write_delay_s": NONNEG,
     # cluster
-    "cluster.accelerators_per_node": ge(0, "0 = whatever the process sees"), "cluster.nodes": ONE,
+    "cluster.accelerators_per_node": ge(0, "0 = whatever the process sees"), "cluster.nodes": ge(0, "0 = the launched node count"),
     "cluster.price_on_demand_per_hour": NONNEG, "cluster.price_spot_per_hour": NONNEG,
     "cluster.peak_tflops_override": ge(0, "0 = the device table"),
     # cost
@@ -252,6 +253,7 @@ RANGES: Dict[str, Range] = {
     "health.straggler_threshold": POS, "health.straggler_windows": ONE, "health.straggler_min_slow": ONE,
     "health.nan_max_skips": NONNEG, "health.nan_max_rollbacks": NONNEG, "health.fault_inject_nan_steps": ONE,
     "health.fault_inject_rank": NONNEG, "health.fault_inject_hang_step": ge(0, "0 = off"),
+    "health.fault_inject_raise_step": ge(0, "0 = off"),
     "health.fault_inject_slow_s": NONNEG,
     # distill
     "distill.alpha": within(0, 1, why="loss = (1 - alpha) * CE + alpha * KD"), "distill.temperature": POS,

@@ -67,13 +67,16 @@ class Trainer:
         from train.saving import Saver
 
         self.saver = Saver(self)
-        from health.imds import ImdsClient
-        from cost.pricing import resolve_cluster
+        from cost.node_pricing import price_this_run
 
-        # On EC2, IMDS names the instance type and spot/on-demand, which pick the catalog price.
-        imds = ImdsClient(cfg.health.imds_endpoint, timeout_s=cfg.health.imds_timeout_s)
-        self.cluster = resolve_cluster(cfg.cluster, cfg.cost, imds)
-        self.acct = RunAccounting(self.cluster, cfg.cost, self.run_dir, self.start_time, rank=self.ctx.rank)
+        # Each node prices itself (its own IMDS or cluster), one all-gather sums them (cost/nodes.py).
+        self.cluster, rate, error = price_this_run(cfg.cluster, cfg.cost, cfg.health, self.ctx)
+        if error:  # the same on every rank (from the gathered prices): all exit 2 together
+            from moe.config import ConfigError
+
+            raise ConfigError(error)
+        self.acct = RunAccounting(self.cluster, cfg.cost, self.run_dir, self.start_time, rank=self.ctx.rank,
+                                  rate_usd_per_hour=rate)
         self.cost = self.acct.meter
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.kd = None
@@ -116,12 +119,18 @@ class Trainer:
         return ts
 
     def _resume(self) -> None:
-        ts = self._load_latest()
+        from cost.heartbeat import read_heartbeat
+        from train.agree import from_rank0
+
+        ts = self._load_latest()  # rank 0 chooses the step; every rank loads it, or all stop
+        # The attempt record: rank 0 reads heartbeat.json before anyone writes it (acct.resume
+        # rewrites it on rank 0) and every rank books the same attempts from its copy.
+        hb = from_rank0(read_heartbeat(self.run_dir) if self.ctx.is_main else None, self.ctx.control_group)
         if ts is None:
             log.info("fresh start: no committed checkpoint for run %s", self.run_name)
-            log.info(self.acct.resume(None, 0).message())
+            log.info(self.acct.resume(None, 0, heartbeat=hb).message())
             return
-        log.info(self.acct.resume(ts, self.step).message())
+        log.info(self.acct.resume(ts, self.step, heartbeat=hb).message())
         self._resume_wandb_id = ts.get("wandb_run_id")
         log.info("resumed from step %d (%d samples consumed, saved at world size %s, now %d)", self.step,
                  self.samples, ts.get("world_size", "?"), self.ctx.world_size)
@@ -148,15 +157,20 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.trainer
         self._build()
         self._resume()
-        self.metrics = MetricsLogger(self.run_dir, self.ctx.rank, cfg.logging, run_config=_as_dict(cfg),
-                                     resume_wandb_id=self._resume_wandb_id, total_steps=t.max_steps,
-                                     start_step=self.step)
+        from train.agree import build_together, from_rank0
+
+        # W&B / TensorBoard are built on rank 0: a failure there stops every rank the same way.
+        self.metrics = build_together(
+            lambda: MetricsLogger(self.run_dir, self.ctx.rank, cfg.logging, run_config=_as_dict(cfg),
+                                  resume_wandb_id=self._resume_wandb_id, total_steps=t.max_steps,
+                                  start_step=self.step),
+            "the metrics logger (logging.wandb / logging.tensorboard)", self.ctx.control_group)
         if self.step >= t.max_steps:
             log.info("run %s is already complete at step %d (trainer.max_steps=%d); outputs in %s. "
                      "Raise trainer.max_steps to train further.", self.run_name, self.step, t.max_steps,
                      self.run_dir)
             return ExitCode.OK, "already complete"
-        refusal = self.acct.refuse_start()
+        refusal = from_rank0(self.acct.refuse_start() if self.ctx.is_main else None, self.ctx.control_group)
         if refusal:
             log.warning(refusal)
             return ExitCode.BUDGET_EXHAUSTED, "budget already spent"
@@ -359,6 +373,9 @@ def _inject_delay(h, rank: int, step: int) -> None:
         return
     if h.fault_inject_slow_s > 0:
         time.sleep(h.fault_inject_slow_s)
+    if h.fault_inject_raise_step and step == h.fault_inject_raise_step:
+        raise RuntimeError(f"fault injection: rank {rank} raises before step {step} "
+                           f"(health.fault_inject_raise_step={step})")
     if h.fault_inject_hang_step and step == h.fault_inject_hang_step:
         log.warning("fault injection: rank %d hangs before step %d", rank, step)
         while True:

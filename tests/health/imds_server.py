@@ -40,6 +40,7 @@ class ImdsServer:
         self._tokens: dict[str, float] = {}  # token -> expiry (monotonic)
         self._spot: dict | None = None
         self._rebalance: dict | None = None
+        self._fail_tokens = 0
         self._lock = threading.Lock()
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status), for assertions
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
@@ -88,6 +89,11 @@ class ImdsServer:
         with self._lock:
             self._spot = self._rebalance = None
 
+    def fail_next_tokens(self, n: int) -> None:
+        """The next ``n`` token requests get 503 (a flaky first probe)."""
+        with self._lock:
+            self._fail_tokens = int(n)
+
     def revoke_tokens(self) -> None:
         """Invalidate every issued token (the client must fetch a new one: 401 then retry)."""
         with self._lock:
@@ -120,6 +126,10 @@ class ImdsServer:
             def do_PUT(self):
                 if self.path != TOKEN_PATH:
                     return self._send(404, "Not Found")
+                with server._lock:
+                    flaky, server._fail_tokens = server._fail_tokens > 0, max(0, server._fail_tokens - 1)
+                if flaky:
+                    return self._send(503, "Service Unavailable")
                 ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
                 try:
                     ttl_s = int(ttl)

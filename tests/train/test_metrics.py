@@ -24,12 +24,12 @@ FULL = {
     "step": 120, "loss": 3.4512, "lr": 3.0e-4, "tok_s": 18234.0, "tok_s_gpu": 9117.0,
     "mfu": 0.412, "mem_gib": 12.3, "usd_per_mtok": 0.412, "spent_usd": 1.23, "eta_s": 754.0,
     "tok_per_usd": 2427184.0, "val_loss": 3.5012, "lm_loss": 3.4512, "kd_loss": 0.8123, "data_wait": 0.015,
-    "ckpt/stall_s": 0.079,
+    "ckpt/stall_s": 0.079, "nodes": 2,
 }
 REAL_LINE = (
     "step=120 loss=3.4512 lr=3.00e-04 tok/s=18234 tok/s/gpu=9117 mfu=41.2% mem=12.3GiB "
     "$/Mtok=0.412 spent=$1.23 eta=0:12:34 tok/$=2427184 val_loss=3.5012 lm_loss=3.4512 kd_loss=0.8123 "
-    "data_wait=1.5% ckpt_stall=0.079s"
+    "data_wait=1.5% ckpt_stall=0.079s nodes=2"
 )
 
 
