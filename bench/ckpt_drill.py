@@ -5,7 +5,7 @@
         checkpoint.async_mode=process checkpoint.staging=device
 
 Runs ``python -m train <overrides>`` with ``health.imds_endpoint`` pointed at the loopback IMDSv2
-server (tests/health/imds_server.py), arms a spot notice when the metric line of step
+server (health/imds_loopback.py), arms a spot notice when the metric line of step
 ``--notice-at`` appears, and reads back what the run left: per save step, ``ckpt/stall_s`` (the
 extra seconds of the step that took the snapshot) from the JSONL; the steps while a save was
 writing against the median step; notice -> committed from the log, with its phases; the if_busy
@@ -62,7 +62,7 @@ def summarize(rows: list, log: str, tokens_per_step: float) -> dict:
 
 
 def main(argv=None) -> None:
-    from tests.health.imds_server import ImdsServer  # the loopback IMDSv2 server the tests use
+    from health.imds_loopback import ImdsServer  # the loopback IMDSv2 server (tests use it too)
 
     args = _args(argv)
     os.makedirs(args.out, exist_ok=True)

@@ -72,8 +72,13 @@ def test_slow_save_costs_the_loop_only_its_snapshot_and_is_booked_as_checkpoint(
 def test_if_busy_defer_saves_at_the_first_step_after_the_write_commits(tmp_path):
     rc, out, run_dir = _run(tmp_path, "defer", "trainer.max_steps=16", "checkpoint.every_steps=3",
                             "checkpoint.async_mode=thread", "checkpoint.if_busy=defer",
-                            "checkpoint.fault_inject_write_delay_s=1.5", "health.fault_inject_slow_s=0.25")
+                            "checkpoint.fault_inject_write_delay_s=1.5", "health.fault_inject_slow_s=0.25",
+                            "checkpoint.write_bandwidth_gbps=0.000001", "health.preemption_deadline_s=30")
     assert rc == 0, out[-3000:]
+    # An emergency save that cannot meet the deadline is said at the start (after step 1), not at a notice.
+    lines = out.splitlines()
+    late = next(i for i, ln in enumerate(lines) if ln.startswith("step=2 "))
+    assert any("does NOT fit health.preemption_deadline_s=30" in ln for ln in lines[:late]), out[-3000:]
     assert len([ln for ln in out.splitlines() if "longer than the interval" in ln]) == 1, out[-3000:]
     assert "deferred to the first step after it commits by checkpoint.if_busy=defer" in out
     steps = _committed(run_dir)
