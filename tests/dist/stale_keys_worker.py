@@ -23,6 +23,8 @@ if restart == 1 and rank == 0:
     key = "0//cpu//0/1"  # rank 1's gloo address in the default group (keys under our store)
     print(f"STALE in the killed round's namespace: {old.check([key])}; in this attempt's: {new.check([key])}",
           flush=True)
+if restart == 1 and rank == 1:
+    time.sleep(3)  # the new rank 1 comes late (the hang's race): rank 0 looks before it writes its key
 init_distributed("gloo", 30, "cpu", init_timeout_s=30)
 dist.barrier()
 if restart == 0 and rank == 1:

@@ -13,6 +13,7 @@ import random
 import shlex
 import socket
 import sys
+from pathlib import Path
 
 from tests.dist.train_launch import FAST, TORCHRUN, Launch, free_port, metric_rows
 from tests.test_docs import commands
@@ -69,26 +70,37 @@ def _finish(launches, run):
     assert hb["cost"]["usd_per_hour"] == 20.0  # 2 nodes x $10
 
 
+def _program(args: list[str], start: int) -> list[str]:
+    """The doc's program part, runnable here: ``moeforge train`` -> the venv's moeforge script."""
+    prog = args[start:]
+    if prog[0] == "moeforge":
+        return [str(Path(sys.executable).with_name("moeforge")), *prog[1:2]]
+    assert prog[:3] == ["python", "-m", "train"], prog
+    return [sys.executable, "-m", "train"]
+
+
 def test_doc_torchrun_multi_node_line_at_two_nodes(tmp_path):
     args = _doc_line("torchrun --nnodes")
     port = free_port()
-    launcher, overrides = [], _scaled_overrides(args, 2)
-    i = 1
-    while i < len(args) and args[i] != "-m":
+    overrides = _scaled_overrides(args, 2)
+    launcher, i = [], 1
+    while args[i] not in ("-m", "--no-python"):
         flag, value = args[i], args[i + 1]
         value = {"--nnodes": "2", "--nproc-per-node": "1", "--rdzv-endpoint": f"127.0.0.1:{port}",
                  "--rdzv-id": "docs2"}.get(flag, value)
         launcher += [flag, value]
         i += 2
     assert ["--rdzv-backend", "c10d"] == launcher[4:6], launcher  # the doc's rendezvous, unchanged
-    cmd = [TORCHRUN, *launcher, "--local-addr", "127.0.0.1", "-m", "train", *overrides, *SHRINK,
+    program = ["-m", "train"] if args[i] == "-m" else ["--no-python", *_program(args, i + 1)]
+    cmd = [TORCHRUN, *launcher, "--local-addr", "127.0.0.1", *program, *overrides, *SHRINK,
            f"output_dir={tmp_path}", "run_name=tr"]
     _finish([Launch(cmd, tmp_path / f"node{r}.log") for r in (0, 1)], tmp_path / "tr")
 
 
 def test_doc_srun_line_at_two_nodes(tmp_path):
     args = _doc_line("srun --nodes")
-    assert args[args.index("python"):args.index("python") + 3] == ["python", "-m", "train"]
+    start = next(i for i, a in enumerate(args) if a in ("moeforge", "python"))
+    program = _program(args, start)
     overrides = _scaled_overrides(args, 2)
     port = _port_20000_to_40000()
     job_id = port - 20000
@@ -97,6 +109,6 @@ def test_doc_srun_line_at_two_nodes(tmp_path):
         slurm = {"SLURM_PROCID": node, "SLURM_NTASKS": 2, "SLURM_LOCALID": 0, "SLURM_NODEID": node,
                  "SLURM_JOB_NUM_NODES": 2, "SLURM_NNODES": 2, "SLURM_JOB_NODELIST": "127.0.0.1",
                  "SLURM_JOB_ID": job_id}
-        cmd = [sys.executable, "-m", "train", *overrides, *SHRINK, f"output_dir={tmp_path}", "run_name=sr"]
+        cmd = [*program, *overrides, *SHRINK, f"output_dir={tmp_path}", "run_name=sr"]
         launches.append(Launch(cmd, tmp_path / f"task{node}.log", **slurm))
     _finish(launches, tmp_path / "sr")
