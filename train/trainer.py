@@ -259,8 +259,17 @@ class Trainer:
             final = done or stop is not None
             if final:
                 self.acct.mark_exit(code, reason)
-            # Saved before this step's row is logged: the row then carries what the save cost the loop.
+            # A step's row must reach metrics.jsonl before its checkpoint can commit: a kill between the
+            # two would lose the row for good (the next attempt resumes after that step). A save that
+            # commits inside the call (async_mode=off, the final and emergency saves) therefore comes
+            # after the row, and its stall shows on the next row; an async save commits in the
+            # background, after the row, so its own step's row carries what its snapshot cost.
             due = bool(cfg.checkpoint.every_steps) and self.step % cfg.checkpoint.every_steps == 0
+            log_now = self.step % t.log_every == 0 or self.step == t.max_steps or val_loss is not None or stop
+            if log_now and (final or cfg.checkpoint.async_mode == "off"):
+                self._log(result, val_loss, window, tokens_per_step)
+                window = {"t0": time.perf_counter(), "steps": 0, "data_wait": 0.0}
+                log_now = False
             if final and (cfg.checkpoint.save_final or stop is not None):
                 committed = self._save(emergency=stop)
                 if stop is not None and not committed and code == ExitCode.PREEMPTED:
@@ -268,7 +277,7 @@ class Trainer:
                     code, reason = ExitCode.CRASH, reason + " (the emergency checkpoint was not committed)"
             elif self.saver.wants(due):
                 self.saver.periodic(due)
-            if self.step % t.log_every == 0 or self.step == t.max_steps or val_loss is not None or stop:
+            if log_now:
                 self._log(result, val_loss, window, tokens_per_step)
                 window = {"t0": time.perf_counter(), "steps": 0, "data_wait": 0.0}
             if self.step % t.log_every == 0:
