@@ -230,7 +230,7 @@ RANGES: Dict[str, Range] = {
     # parallel
     "parallel.dp_replicate": ONE, "parallel.dp_shard": ge(1, "-1 = every rank not used by dp_replicate", also=(-1,)),
     "parallel.ep": ONE, "parallel.timeout_s": POS, "parallel.init_timeout_s": POS,
-    "parallel.deepspeed.zero_stage": within(1, 3),
+    "parallel.deepspeed.zero_stage": ge(1, "1, 2 or 3: the DeepSpeed rules name the stages"),
     "parallel.deepspeed.reduce_bucket_size": ONE,
     # checkpoint
     "checkpoint.every_steps": ge(0, "0 = only the final save"), "checkpoint.keep_last": ge(1, "the newest commit is always kept"),
