@@ -6,6 +6,7 @@ A family is exact or refuses: ``check`` names every key of ours the target class
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from checkpointing.hf.mapping import Rule, Source, refuse, refuse_import, rope_parameters, rule_source
@@ -14,21 +15,22 @@ if TYPE_CHECKING:  # annotations only: model/ is imported where it is used
     from model.config import ModelConfig
 
 
-class Family:
+class Family(ABC):
     hf_class: str = ""
     model_type: str = ""
     rules: List[Rule] = []
 
+    @abstractmethod
     def check(self, cfg: ModelConfig) -> None:
         """Refuse (``ExportRefused``) anything of ``cfg`` this class cannot express exactly."""
-        raise NotImplementedError
 
+    @abstractmethod
     def config_json(self, cfg: ModelConfig, dtype: str) -> Dict[str, Any]:
-        raise NotImplementedError
+        """HF's config.json for ``cfg`` (``check`` has passed)."""
 
+    @abstractmethod
     def model_config(self, hf: Dict[str, Any]) -> ModelConfig:
         """Our ``ModelConfig`` from HF's config.json dict (refuses what we cannot express)."""
-        raise NotImplementedError
 
     def source(self, name: str) -> Source:
         return rule_source(name, self.rules)
