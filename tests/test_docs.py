@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,22 @@ def _world_and_overrides(args: list[str]) -> tuple[int, list[str]]:
     return nodes * procs, overrides
 
 
+# (doc, command) -> the scratch directory it ran in, successfully, earlier in this session
+_RAN: dict[tuple[str, str], Path] = {}
+
+
+def _first(doc: str, first: str, tmp_path: Path, timeout: float) -> None:
+    """Run the command a later one needs, in ``tmp_path``. The earlier test of that same command
+    already ran it in a scratch directory of its own: copy what it left (the teacher run, the
+    shards) rather than train the teacher a second time."""
+    done = _RAN.get((doc, first))
+    if done is not None:
+        shutil.copytree(done, tmp_path, dirs_exist_ok=True)
+        return
+    subprocess.run([sys.executable, *shlex.split(first)[1:]], cwd=tmp_path, env=env(), check=True,
+                   capture_output=True, timeout=timeout)
+
+
 @pytest.mark.parametrize("doc,cmd", ALL, ids=[f"{d}:{c[:50]}" for d, c in ALL])
 def test_doc_command(doc, cmd, tmp_path):
     args = shlex.split(cmd)
@@ -71,13 +88,11 @@ def test_doc_command(doc, cmd, tmp_path):
     shutil.copy(REPO / "README.md", tmp_path / "README.md")
     shutil.copytree(REPO / "docs", tmp_path / "docs")
     if "distill.teacher=" in cmd:  # the distillation.md pair: train the teacher first, as the doc does
-        first = next(c for d, c in ALL if d == doc and "run_name=teacher" in c)
-        subprocess.run([sys.executable, *shlex.split(first)[1:]], cwd=tmp_path, env=env(), check=True,
-                       capture_output=True, timeout=600)
+        _first(doc, next(c for d, c in ALL if d == doc and "run_name=teacher" in c), tmp_path, 600)
     if "data=shards" in cmd:  # the data.md pair: prepare first, as the doc does
-        prep = next(c for d, c in ALL if d == doc and "train.prepare" in c)
-        subprocess.run([sys.executable, *shlex.split(prep)[1:]], cwd=tmp_path, env=env(), check=True,
-                       capture_output=True, timeout=300)
+        _first(doc, next(c for d, c in ALL if d == doc and "train.prepare" in c), tmp_path, 300)
     p = subprocess.run([sys.executable, *args[1:]], cwd=tmp_path, env=env(), capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, (cmd, p.stdout[-2000:], p.stderr[-2000:])
+    _RAN[(doc, cmd)] = tmp_path
+
