@@ -41,6 +41,9 @@ def test_metric_lines_parse_and_every_field_present(tmp_path):
     assert "run directory" in p.stdout and str(tmp_path / "m") in p.stdout
 
 
+# Soak only: tests/test_readme.py::test_the_main_command_trains_the_default trains the same default
+# model for 200 steps in the default suite and asserts the same two falls (loss and val_loss).
+@pytest.mark.soak
 def test_loss_falls_on_the_default_model(tmp_path):
     p = run_train("trainer.max_steps=60", "trainer.log_every=10", "trainer.eval_every=30",
                   "trainer.eval_batches=2", f"output_dir={tmp_path}", "run_name=f")
@@ -49,12 +52,22 @@ def test_loss_falls_on_the_default_model(tmp_path):
     assert rows[60]["val_loss"] < rows[30]["val_loss"]
 
 
+KILL_RESUME = [*FAST, "trainer.max_steps=24", "checkpoint.every_steps=4", "checkpoint.keep_last=10"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The uninterrupted run both async modes are compared with: saving (how, or whether in the
+    background) never changes the maths, so one straight run serves both."""
+    out = tmp_path_factory.mktemp("straight")
+    run_train(*KILL_RESUME, "checkpoint.async_mode=off", f"output_dir={out}", "run_name=straight")
+    return out / "straight"
+
+
 @pytest.mark.parametrize("async_mode", ["off", "thread"])
-def test_kill_and_resume_is_bitwise_identical(tmp_path, async_mode):
+def test_kill_and_resume_is_bitwise_identical(tmp_path, async_mode, straight):
     """N steps in one go vs killed (SIGKILL) mid-run and resumed: same losses, same weights."""
-    common = [*FAST, "trainer.max_steps=24", "checkpoint.every_steps=4", "checkpoint.keep_last=10",
-              f"checkpoint.async_mode={async_mode}", f"output_dir={tmp_path}"]
-    run_train(*common, "run_name=straight")
+    common = [*KILL_RESUME, f"checkpoint.async_mode={async_mode}", f"output_dir={tmp_path}"]
     proc = subprocess.Popen(train_cmd(*common, "run_name=killed"), cwd=REPO, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "killed"
@@ -66,11 +79,11 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path, async_mode):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     p = run_train(*common, "run_name=killed")
     assert "resumed from step" in p.stdout
-    a = last_per_step(read_jsonl(tmp_path / "straight" / "metrics.jsonl"))
+    a = last_per_step(read_jsonl(straight / "metrics.jsonl"))
     b = last_per_step(read_jsonl(run / "metrics.jsonl"))
     assert sorted(a) == sorted(b) == list(range(1, 25))
     assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in a]
-    wa, wb = _final_weights(tmp_path / "straight"), _final_weights(run)
+    wa, wb = _final_weights(straight), _final_weights(run)
     assert wa.keys() == wb.keys() and len(wa) > 10
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
