@@ -80,9 +80,16 @@ def test_killed_twice_spend_and_goodput_match_the_wall_clock(tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# Soak only: the default suite has the same drill, with a superset of these assertions, in
+# tests/health/test_train_resilience.py::test_budget_runs_out_mid_run_exit_77_after_commit_and_stays_out
+# (exit 77 after a commit at the stop step, nothing trained after it, a re-run that refuses).
+@pytest.mark.soak
 def test_budget_stop_commits_exits_77_and_refuses_to_continue(tmp_path):
-    args = [*FAST, "trainer.max_steps=400", "trainer.log_every=5", "checkpoint.every_steps=50",
-            f"cost.price_per_hour={PRICE}", "cost.budget_usd=12", f"output_dir={tmp_path}", "run_name=b"]
+    # $1 a second, start-up included (~4 s idle, over 10 s on a loaded 2-core machine): $20 leaves
+    # room for a slow start-up; steps slowed to >= 0.1 s cannot finish 400 steps within it anywhere.
+    args = [*FAST, "trainer.max_steps=400", "trainer.log_every=5", "checkpoint.every_steps=20",
+            "health.fault_inject_slow_s=0.1", f"cost.price_per_hour={PRICE}", "cost.budget_usd=20",
+            f"output_dir={tmp_path}", "run_name=b"]
     p = run_train(*args, check=False)
     assert p.returncode == 77, p.stdout[-3000:]
     assert "budget" in p.stdout.lower()
