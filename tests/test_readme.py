@@ -47,6 +47,7 @@ def test_the_main_command_trains_the_default(tmp_path):
     assert max(rows) == 200
     assert rows[200]["loss"] < rows[10]["loss"] - 1.0
     assert "val_loss" in rows[200]
+    assert rows[200]["val_loss"] < rows[50]["val_loss"]  # trainer.eval_every=50: it generalizes, too
     assert any((runs[0] / f"step_{s:09d}" / "COMMITTED").exists() for s in (150, 200))
 
 
