@@ -1,5 +1,6 @@
 """The default suite (`python -m pytest`, what CI runs) reaches every test folder: none of them is
-matched by pytest's norecursedirs (its built-in default skips any folder named "dist")."""
+matched by pytest's norecursedirs (its built-in default skips any folder named "dist"). What it
+leaves to `-m soak` is documented, each with the default-suite test that samples or covers it."""
 
 from __future__ import annotations
 
