@@ -41,8 +41,13 @@ class AppState(Stateful):
         model_sd, optim_sd = state_dict["model"], state_dict["optim"]
         if getattr(self.optimizer, "holds_masters", False):
             model_sd, optim_sd = masters_out_of_model(model_sd, optim_sd, self.model)
+        impl = [{k: g[k] for k in _IMPL_FLAGS if k in g} for g in self.optimizer.param_groups]
         set_state_dict(self.model, self.optimizer, model_state_dict=model_sd,
                        optim_state_dict=optim_sd, options=self.options)
+        # How this run's optimizer computes (fused on CUDA, foreach on CPU) is this run's choice,
+        # not training state: a checkpoint written elsewhere must not switch the kernel.
+        for group, flags in zip(self.optimizer.param_groups, impl):
+            group.update(flags)
 
 
 def masters_into_model(model_sd: Dict[str, Any], optim_sd: Dict[str, Any]) -> None:
@@ -103,6 +108,8 @@ class RNGState(Stateful):
         gauss_val, has_gauss = streams["python_gauss"].tolist()
         random.setstate((py[0], tuple(py[1:]), gauss_val if has_gauss else None))
 
+
+_IMPL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 # Wrapper segments that get_state_dict leaves out of a parameter's FQN (compiled blocks,
 # activation checkpointing).

@@ -71,7 +71,11 @@ class MasterAdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable, masters: Dict[torch.Tensor, torch.Tensor], lr: float = 1e-3,
                  betas: tuple = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  compiled: Optional[bool] = None):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        # AdamW's other hyperparameter keys, at the values this update implements: a checkpoint's
+        # param_groups then have AdamW's keys whichever optimizer wrote it (DCP loads them by key).
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=False,
+                                      maximize=False, foreach=None, capturable=False, differentiable=False,
+                                      fused=None, decoupled_weight_decay=True))
         self.compiled = compiled  # None: compiled on CUDA, eager elsewhere
         for group in self.param_groups:
             for p in group["params"]:
