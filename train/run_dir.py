@@ -25,7 +25,8 @@ _PARALLEL_EXCLUDES = {"dp_replicate", "dp_shard", "ep", "backend", "timeout_s", 
 
 # Keys added after runs existed, dropped while at their "off" value so those runs keep their names.
 _OFF_WHEN = {("model",): {"init_from": "", "init_from_dense": "", "embed_scale": False, "ffn_activation": "silu"},
-             ("model", "attention"): {"qk_norm_scope": "head"}, ("model", "rope"): {"local_theta": 0.0}}
+             ("model", "attention"): {"qk_norm_scope": "head"}, ("model", "rope"): {"local_theta": 0.0},
+             ("optim",): {"master_weights": False}}
 
 
 def identity(cfg) -> dict:

@@ -264,3 +264,13 @@ def test_user_command_resumes_bitwise(tmp_path):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert wa["app.model.output.weight"].dtype == torch.float32  # the masters, under the model's keys
+
+
+def test_run_names_of_existing_runs_are_kept():
+    """The new key is dropped from the run's identity while off (train/run_dir.py _OFF_WHEN)."""
+    from train.run_dir import identity, run_name
+
+    cfg = TrainConfig()
+    assert "master_weights" not in identity(cfg)["optim"]
+    on = _cfg()
+    assert run_name(on) != run_name(cfg)
