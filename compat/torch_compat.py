@@ -229,9 +229,9 @@ def dynamo_reset() -> None:
     """Drop every compiled graph and its guards (``torch.compiler.reset``; ``torch._dynamo`` before)."""
     reset = getattr(torch.compiler, "reset", None)
     if reset is None:  # pragma: no cover - older torch
-        import torch._dynamo
+        from torch import _dynamo  # not "import torch._dynamo": that makes torch a local name here
 
-        reset = torch._dynamo.reset
+        reset = _dynamo.reset
     reset()
 
 

@@ -274,3 +274,26 @@ def test_run_names_of_existing_runs_are_kept():
     assert "master_weights" not in identity(cfg)["optim"]
     on = _cfg()
     assert run_name(on) != run_name(cfg)
+
+
+def test_compiled_update_traces_once_and_matches_eager(monkeypatch):
+    """The CUDA path's torch.compile'd update (here through aot_eager, which traces and
+    functionalises it as inductor would, without codegen): one graph per group, no recompile as
+    the LR and step change, and the eager path's losses."""
+    import train.master_adamw as ma
+    from compat.torch_compat import dynamo_reset
+
+    dynamo_reset()
+    monkeypatch.setattr(ma, "_compiled_update",
+                        torch.compile(ma.adamw_update_, fullgraph=True, dynamic=False, backend="aot_eager"))
+    eager, compiled = _model(), _model()
+    eager_opt = build_optimizer(eager, _optim_cfg(True), "cpu")
+    opt = build_optimizer(compiled, _optim_cfg(True), "cpu")
+    opt.compiled = True
+    losses = _steps(compiled, opt, 0, 1)
+    with torch.compiler.set_stance("fail_on_recompile"):  # warmup moves the LR every step
+        losses += _steps(compiled, opt, 1, 2)
+    assert losses == _steps(eager, eager_opt, 0, 3)
+    a, b = _fp32_values(eager, eager_opt), _fp32_values(compiled, opt)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-6, atol=1e-7, msg=n)
