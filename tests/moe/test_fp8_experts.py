@@ -8,7 +8,7 @@ import torch
 
 from compat.torch_compat import grouped_mm
 from moe.experts import GroupedExperts
-from moe.fp8_experts import fp8_swiglu, padded_layout
+from moe.fp8_experts import col_major, fp8_swiglu, padded_layout
 
 
 def test_padded_layout_puts_each_group_on_a_16_row_boundary():
@@ -47,6 +47,20 @@ def test_padded_swiglu_equals_the_grouped_path_values_and_grads():
     for got, want in zip((x.grad, experts.w1.grad, experts.w3.grad, experts.w2.grad), grads_ref):
         torch.testing.assert_close(got, want)
     assert x.grad[36:].abs().sum() == 0
+    # The weights' gradients arrive in the weights' own (row-major) layout: no clone on accumulation.
+    for w in (experts.w1, experts.w3, experts.w2):
+        assert w.grad.is_contiguous() and w.grad.stride() == w.stride()
+
+
+def test_col_major_cast_layout_and_gradient():
+    w = torch.randn(3, 32, 48, requires_grad=True)
+    c = col_major(w, torch.bfloat16)
+    assert c.dtype == torch.bfloat16 and c.shape == w.shape and c.stride() == (32 * 48, 1, 32)
+    torch.testing.assert_close(c.float(), w.detach().bfloat16().float())
+    up = torch.randn(3, 32, 48)
+    (c.float() * up).sum().backward()
+    assert w.grad.dtype == torch.float32 and w.grad.is_contiguous()
+    torch.testing.assert_close(w.grad, up.bfloat16().float())
 
 
 def test_padded_swiglu_backward_has_no_scatter_add():
