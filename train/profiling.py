@@ -4,7 +4,8 @@ device was busy, as the user's own run sees it (not a bench's re-built step).
 
 Writes, per rank, into ``<run dir>/profile/``: ``trace_rank<r>.json.gz`` (chrome://tracing or
 Perfetto) and ``top_ops_rank<r>.txt`` (kernels and ops by self device time, or CPU time on a CPU),
-and logs one line with the window's wall time and the device-busy share."""
+and logs one line with the window's wall time and the device kernels' share of it (near 100%:
+the GPU never waited for the host)."""
 
 from __future__ import annotations
 
@@ -91,15 +92,15 @@ class StepProfiler:
         top_path = os.path.join(self.dir, f"top_ops_rank{self.rank}.txt")
         with open(top_path, "w") as f:
             f.write(f"steps {self.start}-{step}: {window_s:.3f} s wall, {window_s / n * 1e3:.1f} ms/step"
-                    + (f", device busy {busy_s / window_s:.1%} of the wall time\n" if self.cuda else "\n"))
+                    + (f", device kernels {busy_s / window_s:.1%} of the wall time (kernels on several streams overlap)\n" if self.cuda else "\n"))
             f.write(table)
         trace = os.path.join(self.dir, f"trace_rank{self.rank}.json")
         prof.export_chrome_trace(trace)
         with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
         os.remove(trace)
-        self.summary = {"steps": n, "window_s": window_s, "device_busy_share": busy_s / window_s if self.cuda else None,
+        self.summary = {"steps": n, "window_s": window_s, "device_kernel_share": busy_s / window_s if self.cuda else None,
                         "top_ops": top_path, "trace": trace + ".gz"}
         log.info("profile: steps %d-%d, %.1f ms/step%s; %s and %s", self.start, step, window_s / n * 1e3,
-                 f", device busy {busy_s / window_s:.1%} of the wall time" if self.cuda else "",
+                 f", device kernels {busy_s / window_s:.1%} of the wall time" if self.cuda else "",
                  top_path, trace + ".gz")
