@@ -21,7 +21,9 @@ STEPS=${STEPS:-150}; SPECS=${SPECS:-"dsv3_mini:16 llama_1b:8"}; PRECS=${PRECS:-"
 # first (component figures: where the step's device time goes; they also warm the compile cache).
 PROFILES=${PROFILES:-}; SKIP_PEER=${SKIP_PEER:-0}
 # A precision name -> the trainer's overrides (fp8dense: fp8 dense linears, bf16 routed experts).
+# PRECS entries are NAME or NAME:STEPS (a shorter speed-only run).
 prec_args() { case $1 in fp8dense) echo "trainer.precision=fp8 trainer.fp8.experts=false";;
+  bf16mw) echo "trainer.precision=bf16 optim.master_weights=true";;
   *) echo "trainer.precision=$1";; esac; }
 PEER_VARIANTS=${PEER_VARIANTS:-peer_compiled}
 pack() { tar czf "$OUT/sbs.tgz" -C $R . ; }
@@ -43,9 +45,10 @@ for spec in $SPECS; do
     --steps 5 --warmup 2 ${PEER_ARGS:-} --out $R > $R/peer_$m.txt 2>&1; echo "peer $m rc=$?"
   grep -E "^\| peer|^peer:" $R/peer_$m.txt | cut -c1-600; pack
   fi
-  for prec in $PRECS; do
-    echo "=== train $m $prec $(date +%T)"
-    timeout ${TRAIN_TIMEOUT:-240} python3 -m train experiment=gpu_$m $(prec_args $prec) trainer.max_steps=$STEPS \
+  for entry in $PRECS; do
+    prec=${entry%%:*}; steps=$STEPS; [ "$entry" != "$prec" ] && steps=${entry##*:}
+    echo "=== train $m $prec $steps steps $(date +%T)"
+    timeout ${TRAIN_TIMEOUT:-240} python3 -m train experiment=gpu_$m $(prec_args $prec) trainer.max_steps=$steps \
       output_dir=/tmp/mf_runs run_name=${m}_$prec health.preflight=off checkpoint.save_final=false \
       > $R/train_${m}_$prec.txt 2>&1; echo "train $m $prec rc=$?"
     cp /tmp/mf_runs/${m}_$prec/metrics.jsonl $R/metrics_${m}_$prec.jsonl 2>/dev/null

@@ -19,7 +19,7 @@ _NAME_EXCLUDES = {
 }
 _TRAINER_EXCLUDES = {"max_steps", "log_every", "eval_every", "eval_batches", "compile",
                      "activation_checkpointing", "ac_policy", "ac_every", "micro_batch_size", "device", "detect_anomaly",
-                     "early_stop_patience", "early_stop_min_delta"}
+                     "early_stop_patience", "early_stop_min_delta", "profile_start", "profile_steps"}
 _PARALLEL_EXCLUDES = {"dp_replicate", "dp_shard", "ep", "backend", "timeout_s", "deepspeed"}
 
 
