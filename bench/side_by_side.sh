@@ -24,6 +24,8 @@ PROFILES=${PROFILES:-}; SKIP_PEER=${SKIP_PEER:-0}
 # PRECS entries are NAME or NAME:STEPS (a shorter speed-only run).
 prec_args() { case $1 in fp8dense) echo "trainer.precision=fp8 trainer.fp8.experts=false";;
   bf16mw) echo "trainer.precision=bf16 optim.master_weights=true";;
+  fp8mw) echo "trainer.precision=fp8 optim.master_weights=true";;
+  fp8densemw) echo "trainer.precision=fp8 trainer.fp8.experts=false optim.master_weights=true";;
   *) echo "trainer.precision=$1";; esac; }
 PEER_VARIANTS=${PEER_VARIANTS:-peer_compiled}
 pack() { tar czf "$OUT/sbs.tgz" -C $R . ; }

@@ -76,9 +76,9 @@ def master_weights_errors(cfg, world_size: int, n_micro: int) -> List[str]:
     if not cfg.optim.master_weights:
         return []
     t, errors = cfg.trainer, []
-    if t.precision not in ("auto", "bf16"):
+    if t.precision not in ("auto", "bf16", "fp8"):
         errors.append(f"optim.master_weights=true keeps fp32 masters of bf16 compute weights: it needs "
-                      f"trainer.precision=bf16 (or auto), not {t.precision!r}; set optim.master_weights=false")
+                      f"trainer.precision=bf16, fp8 or auto, not {t.precision!r}; set optim.master_weights=false")
     if cfg.parallel.engine != "fsdp2":
         errors.append(f"optim.master_weights=true runs on parallel.engine=fsdp2 only (got "
                       f"{cfg.parallel.engine!r}); set optim.master_weights=false")
