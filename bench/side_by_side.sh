@@ -17,19 +17,40 @@ else
 fi
 export PYTHONUNBUFFERED=1
 STEPS=${STEPS:-150}; SPECS=${SPECS:-"dsv3_mini:16 llama_1b:8"}; PRECS=${PRECS:-"bf16 fp8"}
+# PROFILES="dsv3_mini:16:bf16 dsv3_mini:16:fp8 dsv3_mini:16:fp8dense": `python -m bench train --profile-top 40`
+# first (component figures: where the step's device time goes; they also warm the compile cache).
+PROFILES=${PROFILES:-}; SKIP_PEER=${SKIP_PEER:-0}
+# A precision name -> the trainer's overrides (fp8dense: fp8 dense linears, bf16 routed experts).
+# PRECS entries are NAME or NAME:STEPS (a shorter speed-only run).
+prec_args() { case $1 in fp8dense) echo "trainer.precision=fp8 trainer.fp8.experts=false";;
+  bf16mw) echo "trainer.precision=bf16 optim.master_weights=true";;
+  fp8mw) echo "trainer.precision=fp8 optim.master_weights=true";;
+  fp8densemw) echo "trainer.precision=fp8 trainer.fp8.experts=false optim.master_weights=true";;
+  *) echo "trainer.precision=$1";; esac; }
 PEER_VARIANTS=${PEER_VARIANTS:-peer_compiled}
 pack() { tar czf "$OUT/sbs.tgz" -C $R . ; }
+for p in $PROFILES; do
+  IFS=: read -r m b prec <<< "$p"
+  case $prec in bf16) fa="";; fp8) fa="--fp8 tensorwise";; fp8dense) fa="--fp8 tensorwise --fp8-experts off";; esac
+  echo "=== profile $m b$b $prec $(date +%T)"
+  timeout ${PROFILE_TIMEOUT:-200} python3 -m bench train --model $m --batch $b --compile --steps 6 --warmup 3 \
+    --profile-top 40 $fa --tag _$prec --out $R > $R/profile_${m}_$prec.txt 2>&1; echo "profile $m $prec rc=$?"
+  grep -E "step_s_median|^ +[0-9.]+%" $R/profile_${m}_$prec.txt | cut -c1-200 | head -14; pack
+done
 python3 -c "import torch, transformers, torchao; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'torchao', torchao.__version__, torch.cuda.get_device_name())" 2>&1 | grep -v "Failed to load" | tee $R/versions.txt
 for spec in $SPECS; do
   m=${spec%%:*}; b=${spec##*:}
+  if [ "$SKIP_PEER" != 1 ]; then
   echo "=== peer $m b$b $(date +%T)"
   timeout ${PEER_TIMEOUT:-240} python3 -m bench compare --model $m --batch $b --variants $PEER_VARIANTS \
     --steps 5 --warmup 2 ${PEER_ARGS:-} --out $R > $R/peer_$m.txt 2>&1; echo "peer $m rc=$?"
   grep -E "^\| peer|^peer:" $R/peer_$m.txt | cut -c1-600; pack
-  for prec in $PRECS; do
-    echo "=== train $m $prec $(date +%T)"
-    timeout ${TRAIN_TIMEOUT:-240} python3 -m train experiment=gpu_$m trainer.precision=$prec trainer.max_steps=$STEPS \
+  fi
+  for entry in $PRECS; do
+    prec=${entry%%:*}; steps=$STEPS; [ "$entry" != "$prec" ] && steps=${entry##*:}
+    echo "=== train $m $prec $steps steps $(date +%T)"
+    timeout ${TRAIN_TIMEOUT:-240} python3 -m train experiment=gpu_$m $(prec_args $prec) trainer.max_steps=$steps \
       output_dir=/tmp/mf_runs run_name=${m}_$prec health.preflight=off checkpoint.save_final=false \
       > $R/train_${m}_$prec.txt 2>&1; echo "train $m $prec rc=$?"
     cp /tmp/mf_runs/${m}_$prec/metrics.jsonl $R/metrics_${m}_$prec.jsonl 2>/dev/null

@@ -33,11 +33,47 @@ class AppState(Stateful):
 
     def state_dict(self) -> Dict[str, Any]:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self.options)
+        if getattr(self.optimizer, "holds_masters", False):
+            masters_into_model(model_sd, optim_sd)
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
-                       optim_state_dict=state_dict["optim"], options=self.options)
+        model_sd, optim_sd = state_dict["model"], state_dict["optim"]
+        if getattr(self.optimizer, "holds_masters", False):
+            model_sd, optim_sd = masters_out_of_model(model_sd, optim_sd, self.model)
+        impl = [{k: g[k] for k in _IMPL_FLAGS if k in g} for g in self.optimizer.param_groups]
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd,
+                       optim_state_dict=optim_sd, options=self.options)
+        # How this run's optimizer computes (fused on CUDA, foreach on CPU) is this run's choice,
+        # not training state: a checkpoint written elsewhere must not switch the kernel.
+        for group, flags in zip(self.optimizer.param_groups, impl):
+            group.update(flags)
+
+
+def masters_into_model(model_sd: Dict[str, Any], optim_sd: Dict[str, Any]) -> None:
+    """optim.master_weights: the fp32 masters (optimizer state ``master``) are saved as the model's
+    weights and the bf16 copies are not saved, so the checkpoint has the keys and dtypes of one
+    written without master weights: either mode resumes the other's exactly, and
+    ``checkpointing.export``/HF export read fp32 weights. The optimizer's own state dicts are
+    copied, never edited."""
+    for fqn, state in list(optim_sd["state"].items()):
+        if "master" in state:
+            model_sd[fqn] = state["master"]
+            optim_sd["state"][fqn] = {k: v for k, v in state.items() if k != "master"}
+
+
+def masters_out_of_model(model_sd: Dict[str, Any], optim_sd: Dict[str, Any], model: nn.Module):
+    """The inverse on load: each bf16 parameter's loaded fp32 weight becomes its master, and the
+    parameter is loaded with that master rounded (what it held when saved)."""
+    model_sd, optim_sd = dict(model_sd), {**optim_sd, "state": dict(optim_sd["state"])}
+    for name, p in model.named_parameters():
+        fqn = _state_dict_fqn(name)
+        if p.dtype == torch.float32 or fqn not in model_sd:
+            continue
+        master = model_sd[fqn].detach().to(torch.float32)
+        model_sd[fqn] = master.to(p.dtype)
+        optim_sd["state"][fqn] = {**optim_sd["state"].get(fqn, {}), "master": master}
+    return model_sd, optim_sd
 
 
 class RNGState(Stateful):
@@ -71,3 +107,14 @@ class RNGState(Stateful):
         py = [int(x) for x in streams["python"].tolist()]
         gauss_val, has_gauss = streams["python_gauss"].tolist()
         random.setstate((py[0], tuple(py[1:]), gauss_val if has_gauss else None))
+
+
+_IMPL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+# Wrapper segments that get_state_dict leaves out of a parameter's FQN (compiled blocks,
+# activation checkpointing).
+_WRAPPERS = ("_orig_mod", "_checkpoint_wrapped_module")
+
+
+def _state_dict_fqn(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPERS)

@@ -176,6 +176,12 @@ def foreach_mul_(tensors: List[torch.Tensor], scalar: torch.Tensor) -> None:
     torch._foreach_mul_(tensors, scalar)
 
 
+def foreach_norm(tensors: List[torch.Tensor], ord: float, dtype: torch.dtype) -> List[torch.Tensor]:
+    """Per-tensor norms accumulated and returned in ``dtype`` (``torch._foreach_norm``'s dtype
+    argument): bf16 gradients (optim.master_weights) get fp32 norms without an fp32 copy of each."""
+    return list(torch._foreach_norm(tensors, ord, dtype=dtype))
+
+
 def dump_flight_recorder_trace() -> Optional[bytes]:
     """The pickled NCCL/c10d flight-recorder trace, or None where this build cannot produce one.
 
@@ -223,9 +229,9 @@ def dynamo_reset() -> None:
     """Drop every compiled graph and its guards (``torch.compiler.reset``; ``torch._dynamo`` before)."""
     reset = getattr(torch.compiler, "reset", None)
     if reset is None:  # pragma: no cover - older torch
-        import torch._dynamo
+        from torch import _dynamo  # not "import torch._dynamo": that makes torch a local name here
 
-        reset = torch._dynamo.reset
+        reset = _dynamo.reset
     reset()
 
 

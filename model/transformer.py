@@ -12,6 +12,7 @@ from model.attention import kernels
 from model.block import TransformerBlock
 from model.config import ModelConfig, layer_is_moe, layer_kinds, layer_windows, validate_model_config
 from model.norms import RMSNorm
+from model.rope import prepare_rope_tables
 
 
 class Transformer(nn.Module):
@@ -29,6 +30,7 @@ class Transformer(nn.Module):
             {str(i): TransformerBlock(cfg, i, kinds[i], windows[i], moes[i]) for i in range(cfg.n_layers)}
         )
         self.windows = sorted(set(windows))  # distinct attention windows (0 = full causal)
+        self.rope_specs = [block.attention.rope_spec for block in self.layers.values()]
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
@@ -38,6 +40,7 @@ class Transformer(nn.Module):
     def forward_hidden(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final-normed hidden states and the summed MoE auxiliary loss."""
         kernels.prepare(tokens_BT.shape[1], self.windows, tokens_BT.device)  # caches, outside compiled blocks
+        prepare_rope_tables(self.rope_specs, tokens_BT.shape[1], tokens_BT.device)
         x_BTD = self.tok_embeddings(tokens_BT)
         if self.cfg.embed_scale:  # Gemma: the embedding table is shared with the unscaled head
             x_BTD = x_BTD * (self.cfg.d_model ** 0.5)

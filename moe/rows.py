@@ -17,7 +17,7 @@ import torch
 
 from compat.torch_compat import index_select_rows
 
-__all__ = ["inverse_assignments", "gather_token_rows", "assignment_rows", "permute_rows", "weighted_k_sum"]
+__all__ = ["inverse_assignments", "gather_token_rows", "assignment_rows", "permute_rows", "row_map", "weighted_k_sum"]
 
 
 def accum_dtype(x: torch.Tensor) -> torch.dtype:
@@ -89,6 +89,30 @@ def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) ->
     if x.shape[0] != index.numel():
         raise ValueError(f"permute_rows: {x.shape[0]} rows but an index of {index.numel()}")
     return _AssignmentRows.apply(x, index, inverse)
+
+
+class _RowMap(torch.autograd.Function):
+    """Rows gathered by ``fwd_idx`` (an index past the source's rows gives a zero row); the
+    backward gathers by ``bwd_idx`` the same way. Exact when the two indexes are inverse on the
+    rows they pair and every other row is unpaired in both directions."""
+
+    @staticmethod
+    def forward(ctx, x, fwd_idx, bwd_idx):
+        ctx.save_for_backward(bwd_idx)
+        return _rows_of_assignments(x, fwd_idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        (bwd_idx,) = ctx.saved_tensors
+        return _rows_of_assignments(g, bwd_idx), None, None
+
+
+def row_map(x: torch.Tensor, fwd_idx: torch.Tensor, bwd_idx: torch.Tensor) -> torch.Tensor:
+    """``out[i] = x[fwd_idx[i]]`` (zero where ``fwd_idx[i] >= len(x)``), with a gather backward:
+    ``grad_x[j] = grad_out[bwd_idx[j]]`` (zero where ``bwd_idx[j] >= len(out)``). For a one-to-one
+    pairing of some rows (a padded layout and its inverse) this is the exact gradient, without the
+    scatter-add (atomics) of ``index_select``'s default backward."""
+    return _RowMap.apply(x, fwd_idx, bwd_idx)
 
 
 def weighted_k_sum(y_ND: torch.Tensor, topk_weights_TK: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from compat.torch_compat import foreach_mul_
+from compat.torch_compat import foreach_mul_, foreach_norm
 from parallelism.config import ParallelConfig
 from parallelism.mesh import Meshes, build_mesh
 from parallelism.process_group import DistContext
@@ -193,6 +193,13 @@ def _by_mesh(tensors) -> list:
 def _group_norm(grads, norm_type, foreach, error_if_nonfinite) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
+    if foreach is not False and any(g.dtype != torch.float32 and not isinstance(g, DTensor) for g in grads):
+        # bf16 gradients (optim.master_weights): each tensor's norm accumulated in fp32, as
+        # get_total_norm computes it over fp32 gradients, so the clip coefficient matches.
+        n = torch.linalg.vector_norm(torch.stack(foreach_norm(grads, float(norm_type), torch.float32)), norm_type)
+        if error_if_nonfinite and not torch.isfinite(n):
+            raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite")
+        return n
     n = torch.nn.utils.get_total_norm(grads, float(norm_type), error_if_nonfinite, foreach)
     return n.full_tensor() if isinstance(n, DTensor) else n
 

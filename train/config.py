@@ -46,6 +46,10 @@ class TrainerConfig:
     early_stop_patience: int = 0  # evals without val-loss improvement before stopping; 0 = off
     early_stop_min_delta: float = 0.0
     detect_anomaly: bool = False
+    # torch.profiler over optimizer steps profile_start .. profile_start + profile_steps - 1 of this
+    # run (0 = off): <run dir>/profile/ gets a chrome trace and the top ops (train/profiling.py).
+    profile_start: int = 0
+    profile_steps: int = 3
 
 
 @dataclass
@@ -60,6 +64,9 @@ class OptimConfig:
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # WSD: share of steps in the final decay
     fused: str = "auto"  # auto (fused on CUDA) | true | false
+    # bf16 matmul weights with fp32 masters in the optimizer (train/master_weights.py): bf16 precision,
+    # world size 1, fsdp2 engine, one micro-batch per step
+    master_weights: bool = False
 
 
 @dataclass

@@ -112,7 +112,9 @@ def run(cfg: TrainConfig) -> int:
 
     # Neuron compiler/cache/runtime variables: read when torch_xla is imported, so before that.
     xla_env = apply_xla_env(recommended_xla_env(cfg.trainer.device, cfg.neuron, directory, local_rank))
-    runtime = resolve_runtime(cfg.trainer.device, cfg.trainer.precision, local_rank)
+    from train.master_weights import effective_precision
+
+    runtime = resolve_runtime(cfg.trainer.device, effective_precision(cfg), local_rank)
     ctx = init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s, runtime.device_type,
                            cfg.parallel.init_timeout_s, on_init_timeout=lambda msg: _init_timeout_record(health, msg))
     health.group = ctx.control_group

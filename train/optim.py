@@ -43,6 +43,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
+    """AdamW over the model's parameters; with ``optim.master_weights`` the compute weights become
+    bf16 first and ``MasterAdamW`` keeps their fp32 masters (``optim.fused`` is not read then)."""
+    if getattr(cfg, "master_weights", False):
+        from train.master_adamw import MasterAdamW
+        from train.master_weights import to_bf16_compute
+
+        report = to_bf16_compute(model)
+        return MasterAdamW(param_groups(model, cfg.weight_decay), report.masters, lr=cfg.lr,
+                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     fused = cfg.fused == "true" or (cfg.fused == "auto" and device_type == "cuda")
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -63,7 +72,7 @@ def can_fold_clip(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) 
     multiply."""
     from torch.distributed.tensor import DTensor
 
-    fused = all(g.get("fused") for g in optimizer.param_groups)
+    fused = getattr(optimizer, "folds_clip", False) or all(g.get("fused") for g in optimizer.param_groups)
     return fused and not any(isinstance(p, DTensor) for p in params)
 
 
@@ -71,8 +80,12 @@ def fold_clip(optimizer: torch.optim.Optimizer, total_norm: torch.Tensor, max_no
     """Arm the next ``optimizer.step()`` to scale gradients by ``min(1, max_norm / (norm + 1e-6))``
     (torch's clip_grad_norm_ coefficient), on device, without a host sync."""
     coef = (max_norm / (total_norm.float() + 1e-6)).clamp(max=1.0)
-    optimizer.grad_scale = 1.0 / coef
+    if getattr(optimizer, "folds_clip", False):
+        optimizer.clip_coef = coef  # train.master_adamw: multiplies each gradient as clip_grad_norm does
+    else:
+        optimizer.grad_scale = 1.0 / coef
 
 
 def unfold_clip(optimizer: torch.optim.Optimizer) -> None:
     optimizer.__dict__.pop("grad_scale", None)
+    optimizer.__dict__.pop("clip_coef", None)

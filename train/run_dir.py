@@ -19,13 +19,14 @@ _NAME_EXCLUDES = {
 }
 _TRAINER_EXCLUDES = {"max_steps", "log_every", "eval_every", "eval_batches", "compile",
                      "activation_checkpointing", "ac_policy", "ac_every", "micro_batch_size", "device", "detect_anomaly",
-                     "early_stop_patience", "early_stop_min_delta"}
+                     "early_stop_patience", "early_stop_min_delta", "profile_start", "profile_steps"}
 _PARALLEL_EXCLUDES = {"dp_replicate", "dp_shard", "ep", "backend", "timeout_s", "deepspeed"}
 
 
 # Keys added after runs existed, dropped while at their "off" value so those runs keep their names.
 _OFF_WHEN = {("model",): {"init_from": "", "init_from_dense": "", "embed_scale": False, "ffn_activation": "silu"},
-             ("model", "attention"): {"qk_norm_scope": "head"}, ("model", "rope"): {"local_theta": 0.0}}
+             ("model", "attention"): {"qk_norm_scope": "head"}, ("model", "rope"): {"local_theta": 0.0},
+             ("optim",): {"master_weights": False}}
 
 
 def identity(cfg) -> dict:

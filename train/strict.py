@@ -223,6 +223,7 @@ RANGES: Dict[str, Range] = {
     "trainer.global_batch_size": ONE, "trainer.micro_batch_size": ge(0, "0 = global batch / ranks"),
     "trainer.seq_len": ONE, "trainer.ac_every": ONE, "trainer.grad_clip": ge(0, "0 disables clipping"),
     "trainer.early_stop_patience": ge(0, "0 = off"), "trainer.early_stop_min_delta": NONNEG,
+    "trainer.profile_start": ge(0, "0 = no profile"), "trainer.profile_steps": ONE,
     # optim
     "optim.lr": POS, "optim.min_lr_ratio": within(0, 1), "optim.weight_decay": NONNEG,
     "optim.beta1": within(0, 1, hi_open=True), "optim.beta2": within(0, 1, hi_open=True), "optim.eps": POS,

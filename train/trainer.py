@@ -198,10 +198,14 @@ class Trainer:
         window = {"t0": time.perf_counter(), "steps": 0, "data_wait": 0.0}
         inject = set(cfg.health.fault_inject_nan_steps)
         first = True
+        from train.profiling import StepProfiler
+
+        profiler = StepProfiler(t.profile_start, t.profile_steps, self.run_dir, self.ctx.rank, self.runtime.device_type)
         while self.step < t.max_steps:
             set_lr(self.optimizer, self._lr(self.step))
             batches = rank_micro_batches(self.train_ds, t.seed, self.samples, t.global_batch_size, self.micro,
                                          t.seq_len, self.ctx.rank, self.ctx.world_size)
+            profiler.before_step(self.step + 1)
             t_step = time.perf_counter()
             self._fwd_enter = None
             _inject_delay(cfg.health, self.ctx.rank, self.step + 1)
@@ -230,6 +234,7 @@ class Trainer:
                             cfg.health.nan_max_skips)
             self.step += 1
             self.samples += t.global_batch_size
+            profiler.after_step(self.step)
             self.acct.on_step(self.step, step_s, result.data_wait_s)
             if self.acct.attempt_steps == 1:  # optimizer state exists now: its size is the save's
                 self.saver.estimate_at_start()
@@ -287,6 +292,7 @@ class Trainer:
                     log.warning(warning)
             self.acct.tick()  # heartbeat, at most every cost.heartbeat_every_s
             if final:
+                profiler.close(self.step)
                 log.info("stopping at step %d: %s (exit %d)", self.step, reason, code)
                 log.info("done: step %d, %d tokens, spent $%.4f; run directory %s", self.step,
                          self.samples * t.seq_len, self.cost.spent_usd(), self.run_dir)

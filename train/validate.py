@@ -98,6 +98,10 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(f"optim.decay_fraction={o.decay_fraction} must be within (0, 1]")
     if o.fused not in ("auto", "true", "false"):
         _fail(f"optim.fused={o.fused!r} must be auto, true or false")
+    from train.master_weights import master_weights_errors
+
+    for error in master_weights_errors(cfg, world_size, t.global_batch_size // (dp * mb)):
+        _fail(error)
     from checkpointing.validate import checkpoint_run_errors, validate_checkpoint_config
     from health.validate import health_errors
 

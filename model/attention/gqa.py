@@ -10,7 +10,7 @@ from torch import nn
 from model.attention.kernels import attend
 from model.config import ModelConfig, gqa_head_dim
 from model.norms import RMSNorm
-from model.rope import apply_rope, rope_cos_sin, rope_for_window
+from model.rope import apply_rope, rope_tables, rope_for_window
 
 
 class GQAttention(nn.Module):
@@ -23,6 +23,7 @@ class GQAttention(nn.Module):
         self.window = int(window)
         self.backend = a.backend
         self.rope = rope_for_window(cfg.rope, self.window)
+        self.rope_spec = (self.head_dim, self.rope)  # the cos/sin tables this layer reads (model/rope.py)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         D, Dh = cfg.d_model, self.head_dim
         self.wq = nn.Linear(D, self.n_heads * Dh, bias=a.bias)
@@ -47,7 +48,7 @@ class GQAttention(nn.Module):
         if self.q_norm is not None and self.qk_norm_per_head:
             q_BTHD = self.q_norm(q_BTHD)
             k_BThD = self.k_norm(k_BThD)
-        cos_TD, sin_TD = rope_cos_sin(self.head_dim, T, self.rope, device=x_BTD.device)
+        cos_TD, sin_TD = rope_tables(self.head_dim, T, self.rope, device=x_BTD.device)
         q_BHTD = apply_rope(q_BTHD.transpose(1, 2), cos_TD, sin_TD)
         k_BhTD = apply_rope(k_BThD.transpose(1, 2), cos_TD, sin_TD)
         v_BhTD = v_BThD.transpose(1, 2)

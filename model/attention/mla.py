@@ -15,7 +15,7 @@ from torch import nn
 from model.attention.kernels import attend
 from model.config import ModelConfig
 from model.norms import RMSNorm
-from model.rope import apply_rope, rope_cos_sin, rope_for_window, yarn_softmax_mscale
+from model.rope import apply_rope, rope_tables, rope_for_window, yarn_softmax_mscale
 
 
 class MLAttention(nn.Module):
@@ -33,6 +33,7 @@ class MLAttention(nn.Module):
         self.window = int(window)
         self.backend = a.backend
         self.rope = rope_for_window(cfg.rope, self.window)
+        self.rope_spec = (self.rope_dim, self.rope)  # the cos/sin tables this layer reads (model/rope.py)
         # With YaRN, DeepSeek-V3 also rescales the logits by mscale(factor, mscale_all_dim)^2.
         self.scale = yarn_softmax_mscale(cfg.rope) / math.sqrt(self.qk_head_dim)
         H = self.n_heads
@@ -62,7 +63,7 @@ class MLAttention(nn.Module):
         latent_BTL, k_rope_BTR = torch.split(kv_BTC, [self.kv_lora_rank, self.rope_dim], dim=-1)
         latent_BTL = self.kv_norm(latent_BTL)
 
-        cos_TR, sin_TR = rope_cos_sin(self.rope_dim, T, self.rope, device=x_BTD.device)
+        cos_TR, sin_TR = rope_tables(self.rope_dim, T, self.rope, device=x_BTD.device)
         q_rope_BHTR = apply_rope(q_rope_BHTR, cos_TR, sin_TR)
         k_rope_B1TR = apply_rope(k_rope_BTR.unsqueeze(1), cos_TR, sin_TR)
 

@@ -114,3 +114,32 @@ def test_fp8_errors_name_the_key_and_the_requirement(capability, compile, instal
 def test_fp8_errors_only_for_fp8():
     assert fp8_errors("bf16", Fp8Config(recipe="nonsense"), None, False, False) == []
     assert fp8_errors("fp8", Fp8Config(), (8, 9), True, True) == []
+
+
+def test_emulated_fp8_linears_train_from_bf16_master_weights():
+    """optim.master_weights with precision=fp8: the fp8 linears are converted to bf16 compute weights
+    like any linear and quantize from them; a MasterAdamW step moves the fp32 masters."""
+    from train.master_adamw import MasterAdamW
+    from train.master_weights import to_bf16_compute
+    from train.optim import param_groups
+
+    cfg = small_dense()
+    model = Transformer(cfg)
+    convert_to_fp8(model, Fp8Config(), emulate=True)
+    model.init_weights(0, device="cpu")
+    report = to_bf16_compute(model)
+    w1 = model.layers["0"].ffn.w1
+    assert type(w1).__name__ == "Float8Linear" and w1.weight.dtype == torch.bfloat16
+    assert "layers.0.ffn.w1.weight" in report.converted
+    opt = MasterAdamW(param_groups(model, 0.1), report.masters, lr=1e-3)
+    master_before = report.masters[w1.weight].clone()
+    x = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(x)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+    loss.backward()
+    assert torch.isfinite(loss) and w1.weight.grad.dtype == torch.bfloat16
+    opt.step()
+    master = opt.state[w1.weight]["master"]
+    assert master.dtype == torch.float32 and not torch.equal(master, master_before)
+    assert torch.equal(w1.weight.detach(), master.to(torch.bfloat16))

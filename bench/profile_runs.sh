@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The user command with its own profiler (trainer.profile_start/profile_steps), one run per
+# precision, one model: where the loop's device time goes and how busy the GPU is, as users run it.
+# RUNS="bf16 fp8 fp8dense" MODEL=dsv3_mini STEPS=30 PROFILE_START=20 bash bench/profile_runs.sh
+# Wheels the image lacks may be supplied in .whl/; results land in $OUT/prof.tgz.
+set -uo pipefail
+OUT=${OUT:-bench_out}; mkdir -p "$OUT"; R=/tmp/prof; mkdir -p $R
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+MODEL=${MODEL:-dsv3_mini}; RUNS=${RUNS:-"bf16 fp8"}; STEPS=${STEPS:-30}; PROFILE_START=${PROFILE_START:-20}
+prec_args() { case $1 in fp8dense) echo "trainer.precision=fp8 trainer.fp8.experts=false";;
+  *) echo "trainer.precision=$1";; esac; }
+for prec in $RUNS; do
+  echo "=== $MODEL $prec $(date +%T)"
+  timeout ${TRAIN_TIMEOUT:-240} python3 -m train experiment=gpu_$MODEL $(prec_args $prec) trainer.max_steps=$STEPS \
+    trainer.profile_start=$PROFILE_START trainer.profile_steps=3 ${EXTRA:-} output_dir=/tmp/mf_prof \
+    run_name=${MODEL}_$prec health.preflight=off checkpoint.save_final=false > $R/train_${MODEL}_$prec.txt 2>&1
+  echo "rc=$?"
+  mkdir -p $R/$prec; cp /tmp/mf_prof/${MODEL}_$prec/profile/top_ops_rank0.txt /tmp/mf_prof/${MODEL}_$prec/metrics.jsonl $R/$prec/ 2>/dev/null
+  grep -E "^fp8|rror|^step=" $R/train_${MODEL}_$prec.txt | cut -c1-200 | tail -4
+  head -24 $R/$prec/top_ops_rank0.txt 2>/dev/null | cut -c1-150
+  tar czf "$OUT/prof.tgz" -C $R .
+done
