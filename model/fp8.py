@@ -26,9 +26,10 @@ torchao is imported only inside :func:`convert_to_fp8` (the optional extra ``fp8
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used: train.config imports Fp8Config, and a
+    from torch import nn  # config-only command (launch --dry-run, --cfg job) need not pay for torch
 
 RECIPES = ("tensorwise", "rowwise")
 MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (SM89) and Hopper (SM90) onwards
@@ -95,6 +96,8 @@ def _small(recipe: str, n_out: int, k_in: int) -> bool:
 def keep_reason(fqn: str, module: nn.Module, recipe: str) -> Optional[str]:
     """Why the linear ``fqn`` stays in bf16, or None when it goes to fp8 (the module docstring's
     filter). Pure: reads only the name, the type and the weight's shape."""
+    from torch import nn
+
     if not isinstance(module, nn.Linear):
         return "not a linear"
     if fqn == "output" or fqn.endswith(".output"):
@@ -119,6 +122,7 @@ def convert_to_fp8(model: nn.Module, cfg: Fp8Config, capability: Optional[Tuple[
     ``fsdp_float8_all_gather``: FSDP2 all-gathers the converted weights in fp8 (tensorwise only;
     torchao supports it for no other recipe). ``emulate``: torchao's emulation (fp8 casts, matmul
     in high precision), for CPU tests only."""
+    from torch import nn
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     from compat.torch_compat import grouped_mm

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
+AC_POLICIES = ("full", "selective")  # trainer.ac_policy (parallelism/parallelize.py applies them)
+
 
 @dataclass
 class DeepSpeedConfig:

@@ -28,15 +28,12 @@ import torch
 from torch import nn
 
 from compat.torch_compat import foreach_mul_, foreach_norm
-from parallelism.config import ParallelConfig
+from parallelism.config import AC_POLICIES, ParallelConfig
 from parallelism.mesh import Meshes, build_mesh
 from parallelism.process_group import DistContext
 
 __all__ = ["parallelize", "ParallelizeResult", "apply_activation_checkpointing", "AC_POLICIES", "compile_blocks",
            "clip_grad_norm", "grad_norm"]
-
-
-AC_POLICIES = ("full", "selective")
 
 
 @dataclass(frozen=True)

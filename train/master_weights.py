@@ -17,10 +17,11 @@ one micro-batch per step (bf16 ``.grad`` accumulation would round every partial 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used: validation imports master_weights_errors,
+    import torch  # and a config-only command (launch --dry-run, a config error) need not pay for torch
+    from torch import nn
 
 __all__ = ["MasterReport", "to_bf16_compute", "master_weights_errors", "effective_precision"]
 
@@ -35,6 +36,8 @@ class MasterReport:
 def _compute_weights(model: nn.Module) -> List[nn.Parameter]:
     """The parameters consumed by bf16 matmuls: nn.Linear weights but the router gate's, and the
     routed experts' 3-D weights."""
+    from torch import nn
+
     from moe.experts import GroupedExperts
     from moe.router import Router
 
@@ -48,20 +51,22 @@ def _compute_weights(model: nn.Module) -> List[nn.Parameter]:
     return out
 
 
-@torch.no_grad()
 def to_bf16_compute(model: nn.Module) -> MasterReport:
     """Make the compute weights bf16 in place (same ``Parameter`` objects, so modules and compiled
     blocks keep them); their fp32 values at this moment become the masters, exactly."""
-    chosen = {id(p) for p in _compute_weights(model)}
-    report = MasterReport()
-    for name, p in model.named_parameters():
-        if id(p) in chosen and p.dtype == torch.float32:
-            report.masters[p] = p.detach().clone()
-            p.data = p.data.to(torch.bfloat16)
-            report.converted.append(name)
-        else:
-            report.kept.append(name)
-    return report
+    import torch
+
+    with torch.no_grad():
+        chosen = {id(p) for p in _compute_weights(model)}
+        report = MasterReport()
+        for name, p in model.named_parameters():
+            if id(p) in chosen and p.dtype == torch.float32:
+                report.masters[p] = p.detach().clone()
+                p.data = p.data.to(torch.bfloat16)
+                report.converted.append(name)
+            else:
+                report.kept.append(name)
+        return report
 
 
 def effective_precision(cfg) -> str:

@@ -59,7 +59,7 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
     if t.seq_len > cfg.model.max_seq_len:
         _fail(f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}: "
               "lower trainer.seq_len or raise model.max_seq_len")
-    from parallelism.parallelize import AC_POLICIES
+    from parallelism.config import AC_POLICIES  # not parallelize: that imports torch
 
     if t.ac_policy not in AC_POLICIES:
         _fail(f"trainer.ac_policy={t.ac_policy!r} must be one of {AC_POLICIES}")

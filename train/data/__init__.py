@@ -13,21 +13,36 @@ The trainer calls:
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from moe.config import ConfigError
 from train.data.config import DataConfig, validate_data_config
-from train.data.loader import (TokenDataset, batch_for_indices, global_batch,
-                               micro_batches_for_rank, permute_windows, rank_micro_batches,
-                               validation_batches)
 from train.data.shards import ShardSet
+
+if TYPE_CHECKING:
+    from train.data.loader import TokenDataset
 
 __all__ = ["DataConfig", "validate_data_config", "TokenDataset", "build_datasets",
            "batch_for_indices", "global_batch", "micro_batches_for_rank", "permute_windows",
            "rank_micro_batches", "validation_batches", "ShardSet"]
 
+# The loader (torch) is imported on first use: train.config imports this package for DataConfig,
+# and a config-only command (launch --dry-run, --cfg job, a config error) need not pay for torch.
+_LOADER = {"TokenDataset", "batch_for_indices", "global_batch", "micro_batches_for_rank", "permute_windows",
+           "rank_micro_batches", "validation_batches"}
+
+
+def __getattr__(name: str):
+    if name in _LOADER:
+        from train.data import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module 'train.data' has no attribute {name!r}")
+
 
 def _datasets(shards: ShardSet) -> Tuple[TokenDataset, TokenDataset]:
+    from train.data.loader import TokenDataset
+
     return tuple(TokenDataset(shards.sources(s), s, shards.eos_id, shards.vocab_size)
                  for s in ("train", "val"))  # type: ignore[return-value]
 
@@ -49,6 +64,8 @@ def build_datasets(cfg: DataConfig, vocab_size: int, cache_dir: Optional[str] = 
                 f"model.vocab_size={vocab_size} is smaller than the data's vocabulary "
                 f"({data_vocab}, from {info['vocab_from']}, Megatron data {cfg.path}): set "
                 f"model.vocab_size>={data_vocab} (or data.megatron_vocab_size if that is wrong)")
+        from train.data.loader import TokenDataset
+
         train_ds = TokenDataset(train_src, "train", -1, data_vocab)
         val_ds = TokenDataset(val_src, "val", -1, data_vocab)
         if train_ds.num_tokens == 0:
