@@ -4,17 +4,9 @@
 # RUNS="bf16 fp8 fp8dense" MODEL=dsv3_mini STEPS=30 PROFILE_START=20 bash bench/profile_runs.sh
 # Wheels the image lacks may be supplied in .whl/; results land in $OUT/prof.tgz.
 set -uo pipefail
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"; R=/tmp/prof; mkdir -p $R
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
+source bench/gpu_env.sh  # wheels, PYTHONPATH, $OUT, prec_args
+R=/tmp/prof; mkdir -p $R
 MODEL=${MODEL:-dsv3_mini}; RUNS=${RUNS:-"bf16 fp8"}; STEPS=${STEPS:-30}; PROFILE_START=${PROFILE_START:-20}
-prec_args() { case $1 in fp8dense) echo "trainer.precision=fp8 trainer.fp8.experts=false";;
-  *) echo "trainer.precision=$1";; esac; }
 for prec in $RUNS; do
   echo "=== $MODEL $prec $(date +%T)"
   timeout ${TRAIN_TIMEOUT:-240} python3 -m train experiment=gpu_$MODEL $(prec_args $prec) trainer.max_steps=$STEPS \

@@ -8,25 +8,13 @@
 # may be supplied in .whl/. Everything lands in /tmp/sbs and is packed into $OUT/sbs.tgz after
 # every stage (a time limit loses at most the stage it cut).
 set -uo pipefail
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"; R=/tmp/sbs; mkdir -p $R
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
+source bench/gpu_env.sh  # wheels, PYTHONPATH, $OUT, prec_args
+R=/tmp/sbs; mkdir -p $R
 STEPS=${STEPS:-150}; SPECS=${SPECS:-"dsv3_mini:16 llama_1b:8"}; PRECS=${PRECS:-"bf16 fp8"}
 # PROFILES="dsv3_mini:16:bf16 dsv3_mini:16:fp8 dsv3_mini:16:fp8dense": `python -m bench train --profile-top 40`
 # first (component figures: where the step's device time goes; they also warm the compile cache).
 PROFILES=${PROFILES:-}; SKIP_PEER=${SKIP_PEER:-0}
-# A precision name -> the trainer's overrides (fp8dense: fp8 dense linears, bf16 routed experts).
 # PRECS entries are NAME or NAME:STEPS (a shorter speed-only run).
-prec_args() { case $1 in fp8dense) echo "trainer.precision=fp8 trainer.fp8.experts=false";;
-  bf16mw) echo "trainer.precision=bf16 optim.master_weights=true";;
-  fp8mw) echo "trainer.precision=fp8 optim.master_weights=true";;
-  fp8densemw) echo "trainer.precision=fp8 trainer.fp8.experts=false optim.master_weights=true";;
-  *) echo "trainer.precision=$1";; esac; }
 PEER_VARIANTS=${PEER_VARIANTS:-peer_compiled}
 pack() { tar czf "$OUT/sbs.tgz" -C $R . ; }
 for p in $PROFILES; do

@@ -3,13 +3,15 @@
 The matmul weights that run in bf16 anyway become bf16 parameters in place before the optimizer is
 built, so no forward casts them and no backward casts their gradients back to fp32 (about 5 ms of a
 186 ms dsv3_mini step on an H200); ``train.master_adamw.MasterAdamW`` keeps their fp32 values and
-updates them in one pass per tensor. Converted: every ``nn.Linear`` weight (attention, dense and
+updates them in one pass per tensor (measured on an H200: dsv3_mini 172.1k -> 181.0k tok/s,
+llama_1b 76.4k -> 78.2k; docs/PERFORMANCE.md). Converted: every ``nn.Linear`` weight (attention, dense and
 shared-expert SwiGLU, the output head) and the routed experts' ``w1``/``w2``/``w3``. Kept in fp32:
 embeddings, norms, biases, the router's gate (it scores in fp32: ``moe/router.py``) and the expert
 bias buffer, so the residual stream and the routing keep today's precision.
 
-Rules (``master_weights_errors``; each names the key and the fix): bf16 precision (``auto`` means
-bf16 in this mode, on CPU too: the same math runs eagerly there), world size 1 with
+Rules (``master_weights_errors``; each names the key and the fix): bf16 or fp8 precision (``auto``
+means bf16 in this mode, on CPU too: the same math runs eagerly there; fp8 quantizes from the bf16
+weights), world size 1 with
 ``parallel.engine=fsdp2`` (plain parameters: no FSDP2/EP DTensors, not DeepSpeed), CPU or CUDA, and
 one micro-batch per step (bf16 ``.grad`` accumulation would round every partial sum).
 """
