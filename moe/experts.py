@@ -24,6 +24,7 @@ from torch import nn
 import math
 
 from compat.torch_compat import grouped_mm, has_grouped_mm, index_select_1d
+from model.fused import cat_last
 from moe.fp8_experts import fp8_swiglu
 from moe.shared import trunc_normal_fp32_
 
@@ -92,7 +93,10 @@ class GroupedExperts(nn.Module):
         valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_E[-1]).unsqueeze(-1)
         x_ND = torch.where(valid_N1, x_ND, 0.0)
         dt = x_ND.dtype
-        h_NF = F.silu(grouped_mm(x_ND, self.w1.to(dt), offs_E)) * grouped_mm(x_ND, self.w3.to(dt), offs_E)
+        # Gate and up as one grouped GEMM of width 2F (model/fused.py).
+        gu_NG = grouped_mm(x_ND, cat_last(dt, self.w1, self.w3), offs_E)
+        g_NF, u_NF = gu_NG.chunk(2, dim=-1)
+        h_NF = F.silu(g_NF) * u_NF
         y_ND = grouped_mm(h_NF, self.w2.to(dt), offs_E)
         return torch.where(valid_N1, y_ND, 0.0)
 

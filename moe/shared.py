@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.fused import fused_linear
+
 __all__ = ["SwiGLU", "trunc_normal_fp32_"]
 
 
@@ -41,6 +43,6 @@ class SwiGLU(nn.Module):
         trunc_normal_fp32_(self.w2.weight, std if out_std is None else out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.w1(x)
+        g, u = fused_linear(x, (self.w1, self.w3))  # gate and up as one GEMM (model/fused.py)
         g = F.silu(g) if self.activation == "silu" else F.gelu(g, approximate="tanh")
-        return self.w2(g * self.w3(x))
+        return self.w2(g * u)
