@@ -1,19 +1,25 @@
-"""One GEMM for several projections of the same input (attention's q/k/v, SwiGLU's gate/up).
+"""One GEMM for several projections of the same input: MLA's query and kv-latent projections
+(``moe.experts.cat_last`` does the same for the routed experts' gate and up: one grouped GEMM of
+width 2F).
 
-The parameters stay separate (``wq``, ``wk``, ``wv``; ``w1``, ``w3``): checkpoints, Hugging Face
+The parameters stay separate (``wq``, ``wkv_a``; ``w1``, ``w3``): checkpoints, Hugging Face
 import/export, FSDP2 sharding and the optimizer see the same tensors as before. Only the compute
 concatenates the weights, already cast to the compute dtype, so the cast pass that ran per weight
 now writes one wider matrix. One GEMM of N = sum(out_features) reads the input once where the
 separate layers read it once each, and in backward the input gradient is one GEMM where it was
 several GEMMs plus adds.
 
-The weights' gradients come back as slices of one gradient: row slices for ``nn.Linear``
-(contiguous), and, for the routed experts' 3-D weights concatenated on their last dim, slices made
-contiguous in the compiled backward (:class:`_CatLast`), so AccumulateGrad never makes an eager
-strided copy.
+The weights' gradients come back as row slices of one gradient: contiguous, so AccumulateGrad takes
+them as they are. (The experts' 3-D weights are joined on their last dim; ``cat_last``'s backward
+makes its slices contiguous inside the compiled graph.)
 
 Fused only where the layers are plain ``nn.Linear`` with matching biases: a torchao
 ``Float8Linear`` (``trainer.precision=fp8``) keeps its own forward, which quantizes per layer.
+
+Where it is used is measured (one H200, the user command, docs/PERFORMANCE.md): the experts' gate/up
+and MLA's projections are thin (N 1408 and 576) and gain from the wider GEMM (dsv3_mini bf16 +1.4%
+with these plus the SwiGLU pair fused). Fusing GQA's q/k/v and the dense SwiGLU's gate/up as well
+cost llama_1b 1.3% (77.2k against 78.2k tok/s), so those stay separate layers.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fusable", "fused_linear", "cat_last"]
+__all__ = ["fusable", "fused_linear"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -51,24 +57,3 @@ def fused_linear(x: torch.Tensor, mods: Sequence[nn.Linear]) -> List[torch.Tenso
     b = None if mods[0].bias is None else torch.cat([m.bias.to(dt) for m in mods])
     y = F.linear(x, w, b)
     return list(y.split([m.out_features for m in mods], dim=-1))
-
-
-class _CatLast(torch.autograd.Function):
-    """Forward: the tensors cast to ``dtype`` and concatenated on the last dim. Backward: each
-    gradient slice cast back to its tensor's dtype and made contiguous (the parameter's layout)."""
-
-    @staticmethod
-    def forward(ctx, dtype, *ws):
-        ctx.sizes = [w.shape[-1] for w in ws]
-        ctx.dtypes = [w.dtype for w in ws]
-        return torch.cat([w.to(dtype) for w in ws], dim=-1)
-
-    @staticmethod
-    def backward(ctx, g):
-        parts = g.split(ctx.sizes, dim=-1)
-        return (None, *[p.to(d).contiguous() for p, d in zip(parts, ctx.dtypes)])
-
-
-def cat_last(dtype: torch.dtype, *ws: torch.Tensor) -> torch.Tensor:
-    """``torch.cat([w.to(dtype) for w in ws], -1)`` whose gradients come back contiguous."""
-    return _CatLast.apply(dtype, *ws)

@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.fused import fused_linear
-
 __all__ = ["SwiGLU", "trunc_normal_fp32_"]
 
 
@@ -43,6 +41,6 @@ class SwiGLU(nn.Module):
         trunc_normal_fp32_(self.w2.weight, std if out_std is None else out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = fused_linear(x, (self.w1, self.w3))  # gate and up as one GEMM (model/fused.py)
+        g = self.w1(x)
         g = F.silu(g) if self.activation == "silu" else F.gelu(g, approximate="tanh")
-        return self.w2(g * u)
+        return self.w2(g * self.w3(x))

@@ -64,9 +64,9 @@ class OptimConfig:
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # WSD: share of steps in the final decay
     fused: str = "auto"  # auto (fused on CUDA) | true | false
-    # bf16 matmul weights with fp32 masters in the optimizer (train/master_weights.py): bf16 precision,
-    # world size 1, fsdp2 engine, one micro-batch per step
-    master_weights: bool = False
+    # bf16 matmul weights with fp32 masters in the optimizer (train/master_weights.py): auto | true | false.
+    # auto: on for a one-GPU bf16/fp8 run with one micro-batch per step (measured faster), else off
+    master_weights: str = "auto"
 
 
 @dataclass

@@ -42,10 +42,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
-    """AdamW over the model's parameters; with ``optim.master_weights`` the compute weights become
-    bf16 first and ``MasterAdamW`` keeps their fp32 masters (``optim.fused`` is not read then)."""
-    if getattr(cfg, "master_weights", False):
+def build_optimizer(model: nn.Module, cfg, device_type: str, master_weights: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the model's parameters; with ``master_weights`` (``optim.master_weights`` as
+    ``train.master_weights.use_master_weights`` resolved it) the compute weights become bf16 first and
+    ``MasterAdamW`` keeps their fp32 masters (``optim.fused`` is not read then)."""
+    if master_weights:
         from train.master_adamw import MasterAdamW
         from train.master_weights import to_bf16_compute
 

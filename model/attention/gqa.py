@@ -9,7 +9,6 @@ from torch import nn
 
 from model.attention.kernels import attend
 from model.config import ModelConfig, gqa_head_dim
-from model.fused import fused_linear
 from model.norms import RMSNorm
 from model.rope import apply_rope, rope_tables, rope_for_window
 
@@ -40,12 +39,12 @@ class GQAttention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q_BTX, k_BTY, v_BTY = fused_linear(x_BTD, (self.wq, self.wk, self.wv))  # one GEMM (model/fused.py)
+        q_BTX, k_BTY = self.wq(x_BTD), self.wk(x_BTD)
         if self.q_norm is not None and not self.qk_norm_per_head:
             q_BTX, k_BTY = self.q_norm(q_BTX), self.k_norm(k_BTY)
         q_BTHD = q_BTX.view(B, T, self.n_heads, self.head_dim)
         k_BThD = k_BTY.view(B, T, self.n_kv_heads, self.head_dim)
-        v_BThD = v_BTY.view(B, T, self.n_kv_heads, self.head_dim)
+        v_BThD = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None and self.qk_norm_per_head:
             q_BTHD = self.q_norm(q_BTHD)
             k_BThD = self.k_norm(k_BThD)

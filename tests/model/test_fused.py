@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from model.fused import cat_last, fusable, fused_linear
-from moe.experts import GroupedExperts
+from model.fused import fusable, fused_linear
+from moe.experts import GroupedExperts, cat_last
 
 
 def _layers(bias, outs=(48, 16, 16), d=32, seed=0):
