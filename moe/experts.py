@@ -40,27 +40,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _CatLast(torch.autograd.Function):
-    """Forward: the tensors cast to ``dtype`` and concatenated on the last dim. Backward: each
-    gradient slice cast back to its tensor's dtype and made contiguous (the parameter's layout)."""
-
-    @staticmethod
-    def forward(ctx, dtype, *ws):
-        ctx.sizes = [w.shape[-1] for w in ws]
-        ctx.dtypes = [w.dtype for w in ws]
-        return torch.cat([w.to(dtype) for w in ws], dim=-1)
-
-    @staticmethod
-    def backward(ctx, g):
-        parts = g.split(ctx.sizes, dim=-1)
-        return (None, *[p.to(d).contiguous() for p, d in zip(parts, ctx.dtypes)])
-
-
-def cat_last(dtype: torch.dtype, *ws: torch.Tensor) -> torch.Tensor:
-    """``torch.cat([w.to(dtype) for w in ws], -1)`` whose gradients come back contiguous."""
-    return _CatLast.apply(dtype, *ws)
-
-
 class GroupedExperts(nn.Module):
     def __init__(self, n_experts: int, d_model: int, expert_dim: int, impl: str = "auto",
                  capacity_factor: float = 0.0):
@@ -113,11 +92,7 @@ class GroupedExperts(nn.Module):
         valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_E[-1]).unsqueeze(-1)
         x_ND = torch.where(valid_N1, x_ND, 0.0)
         dt = x_ND.dtype
-        # Gate and up as one grouped GEMM of width 2F: the thin expert GEMMs (F 1408 in dsv3_mini)
-        # gain from the width, and x is read once (docs/PERFORMANCE.md).
-        gu_NG = grouped_mm(x_ND, cat_last(dt, self.w1, self.w3), offs_E)
-        g_NF, u_NF = gu_NG.chunk(2, dim=-1)
-        h_NF = F.silu(g_NF) * u_NF
+        h_NF = F.silu(grouped_mm(x_ND, self.w1.to(dt), offs_E)) * grouped_mm(x_ND, self.w3.to(dt), offs_E)
         y_ND = grouped_mm(h_NF, self.w2.to(dt), offs_E)
         return torch.where(valid_N1, y_ND, 0.0)
 

@@ -14,7 +14,6 @@ from torch import nn
 
 from model.attention.kernels import attend
 from model.config import ModelConfig
-from model.fused import fused_linear
 from model.norms import RMSNorm
 from model.rope import apply_rope, rope_tables, rope_for_window, yarn_softmax_mscale
 
@@ -53,15 +52,14 @@ class MLAttention(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H = self.n_heads
-        # The two projections of x (the query's, the latent's) run as one GEMM (model/fused.py).
         if self.q_lora_rank > 0:
-            q_a, kv_BTC = fused_linear(x_BTD, (self.wq_a, self.wkv_a))
-            q = self.wq_b(self.q_norm(q_a))
+            q = self.wq_b(self.q_norm(self.wq_a(x_BTD)))
         else:
-            q, kv_BTC = fused_linear(x_BTD, (self.wq, self.wkv_a))
+            q = self.wq(x_BTD)
         q_BHTK = q.view(B, T, H, self.qk_head_dim).transpose(1, 2)
         q_nope_BHTN, q_rope_BHTR = torch.split(q_BHTK, [self.nope_dim, self.rope_dim], dim=-1)
 
+        kv_BTC = self.wkv_a(x_BTD)
         latent_BTL, k_rope_BTR = torch.split(kv_BTC, [self.kv_lora_rank, self.rope_dim], dim=-1)
         latent_BTL = self.kv_norm(latent_BTL)
 
