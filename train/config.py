@@ -20,6 +20,16 @@ from parallelism.config import DeepSpeedConfig, ParallelConfig
 from train.data.config import DataConfig
 from train.distill.config import DistillConfig
 
+SWITCH = ("auto", "true", "false")
+
+
+def switch(value) -> str:
+    """An ``auto | true | false`` key's value, normalised: Hydra hands ``true`` given on the command
+    line to a string-typed key as ``"True"``, and code may set a bool."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value).strip().lower()
+
 # The sections other packages own, composed below (and importable from here for Hydra users).
 __all__ = ["TrainConfig", "TrainerConfig", "OptimConfig", "LoggingConfig", "ClusterConfig", "CostConfig",
            "NeuronConfig", "CheckpointConfig", "HealthConfig", "ParallelConfig", "DeepSpeedConfig"]

@@ -33,15 +33,12 @@ if TYPE_CHECKING:  # torch is imported where it is used: validation imports mast
 __all__ = ["MasterReport", "to_bf16_compute", "master_weights_errors", "effective_precision", "mode",
            "use_master_weights"]
 
-MODES = ("auto", "true", "false")
-
 
 def mode(value) -> str:
-    """``optim.master_weights`` normalised: Hydra hands ``true`` to a string key as ``"True"``,
-    and code may set a bool."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value).strip().lower()
+    """``optim.master_weights`` normalised (``train.config.switch``: Hydra's ``"True"``, a bool)."""
+    from train.config import switch
+
+    return switch(value)
 
 
 def use_master_weights(cfg, world_size: int, n_micro: int, device_type: str, amp_bf16: bool) -> bool:
@@ -109,7 +106,9 @@ def effective_precision(cfg) -> str:
 
 def master_weights_errors(cfg, world_size: int, n_micro: int) -> List[str]:
     m = mode(cfg.optim.master_weights)
-    if m not in MODES:
+    from train.config import SWITCH
+
+    if m not in SWITCH:
         return [f"optim.master_weights={cfg.optim.master_weights!r} must be auto, true or false"]
     if m != "true":
         return []

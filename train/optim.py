@@ -53,7 +53,9 @@ def build_optimizer(model: nn.Module, cfg, device_type: str, master_weights: boo
         report = to_bf16_compute(model)
         return MasterAdamW(param_groups(model, cfg.weight_decay), report.masters, lr=cfg.lr,
                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    fused = cfg.fused == "true" or (cfg.fused == "auto" and device_type == "cuda")
+    from train.config import switch
+
+    fused = switch(cfg.fused) == "true" or (switch(cfg.fused) == "auto" and device_type == "cuda")
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         fused=fused or None, foreach=None if fused else True,

@@ -36,7 +36,9 @@ def identity(cfg) -> dict:
     # so runs named before it became auto | true | false keep their names. auto is the default.
     optim = d.get("optim", {})
     if "master_weights" in optim:
-        if str(optim["master_weights"]).strip().lower() == "true":
+        from train.config import switch
+
+        if switch(optim["master_weights"]) == "true":
             optim["master_weights"] = True
         else:
             optim.pop("master_weights")
