@@ -9,9 +9,13 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
-# A precision variant's name -> the trainer's overrides.
+# A precision variant's name -> the trainer's overrides (bf16, fp8, fp8dense take optim.master_weights=auto,
+# which is on for these one-GPU runs; *mw forces it on, *nomw off).
 prec_args() { case $1 in fp8dense) echo "trainer.precision=fp8 trainer.fp8.experts=false";;
   bf16mw) echo "trainer.precision=bf16 optim.master_weights=true";;
+  bf16nomw) echo "trainer.precision=bf16 optim.master_weights=false";;
+  fp8nomw) echo "trainer.precision=fp8 optim.master_weights=false";;
+  fp8densenomw) echo "trainer.precision=fp8 trainer.fp8.experts=false optim.master_weights=false";;
   fp8mw) echo "trainer.precision=fp8 optim.master_weights=true";;
   fp8densemw) echo "trainer.precision=fp8 trainer.fp8.experts=false optim.master_weights=true";;
   *) echo "trainer.precision=$1";; esac; }

@@ -28,6 +28,7 @@ from checkpointing.hf import mapping
 from checkpointing.hf.families import FAMILIES, for_model
 from checkpointing.hf.mapping import EXPERT_LAYOUTS
 from checkpointing.hf.safetensors_io import write_hf_dir
+from checkpointing.model_keys import model_prefix
 from checkpointing.storage import Storage
 
 if TYPE_CHECKING:  # model/ is imported lazily: ls and verify never need it
@@ -36,8 +37,6 @@ if TYPE_CHECKING:  # model/ is imported lazily: ls and verify never need it
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# State-dict prefixes the trainer / tests put the model under (AppState: {"app": {"model": ...}}).
-_MODEL_PREFIXES = ("app.model.", "model.", "")
 
 
 # -- locating the checkpoint and the config ---------------------------------------------------
@@ -91,22 +90,10 @@ def load_model_weights(step_dir: str, st: Storage, cfg: ModelConfig) -> Dict[str
     with torch.device("meta"):
         shapes = Transformer(cfg).state_dict()
     md = _dcp.read_metadata(st.native(step_dir), st.is_local, st.storage_options)
-    keys = set(md.state_dict_metadata)
-    probe = next(iter(shapes))
-    prefix = next((p for p in _MODEL_PREFIXES if p + probe in keys), None)
-    if prefix is None:
-        raise CheckpointError(f"{step_dir}: no model weights found (looked for "
-                              f"{', '.join(repr(p + probe) for p in _MODEL_PREFIXES)})")
-    missing = [k for k in shapes if prefix + k not in keys]
-    if missing:
-        raise CheckpointError(f"{step_dir}: the checkpoint lacks {len(missing)} tensor(s) this model "
-                              f"config has, e.g. {missing[:3]}: does config.yaml match the run?")
+    prefix = model_prefix(step_dir, md, {k: t.shape for k, t in shapes.items()})
     flat = {}
-    for k, meta_t in shapes.items():
+    for k in shapes:
         tmd = md.state_dict_metadata[prefix + k]
-        if tuple(tmd.size) != tuple(meta_t.shape):
-            raise CheckpointError(f"{step_dir}: {prefix + k} is {tuple(tmd.size)} in the checkpoint but "
-                                  f"{tuple(meta_t.shape)} in the model config")
         flat[k] = torch.empty(tuple(tmd.size), dtype=tmd.properties.dtype)
     # DCP flattens nested dicts with "."; rebuild the nesting of the prefix.
     nested: Dict[str, Any] = flat

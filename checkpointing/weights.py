@@ -9,11 +9,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from checkpointing import _dcp
-from checkpointing.errors import CheckpointError
+from checkpointing.model_keys import model_prefix
 from checkpointing.storage import Storage
-
-# State-dict prefixes the trainer / tests put the model under (AppState: {"app": {"model": ...}}).
-MODEL_PREFIXES = ("app.model.", "model.", "")
 
 
 def load_weights_into(model: torch.nn.Module, path: str, storage_options: Optional[Dict[str, Any]] = None,
@@ -26,21 +23,8 @@ def load_weights_into(model: torch.nn.Module, path: str, storage_options: Option
     st = Storage(path, storage_options)
     step_dir = resolve_step_dir(path, st, step)
     md = _dcp.read_metadata(st.native(step_dir), st.is_local, st.storage_options)
-    keys = set(md.state_dict_metadata)
     state = model.state_dict()
-    probe = next(iter(state))
-    prefix = next((p for p in MODEL_PREFIXES if p + probe in keys), None)
-    if prefix is None:
-        raise CheckpointError(f"{step_dir}: no model weights found (looked for "
-                              f"{', '.join(repr(p + probe) for p in MODEL_PREFIXES)})")
-    missing = [k for k in state if prefix + k not in keys]
-    if missing:
-        raise CheckpointError(f"{step_dir}: the checkpoint lacks {len(missing)} tensor(s) of this model, "
-                              f"e.g. {missing[:3]}: does the model config match the run's?")
-    for k, t in state.items():
-        size = tuple(md.state_dict_metadata[prefix + k].size)
-        if size != tuple(t.shape):
-            raise CheckpointError(f"{step_dir}: {prefix + k} is {size} in the checkpoint, {tuple(t.shape)} here")
+    prefix = model_prefix(step_dir, md, {k: t.shape for k, t in state.items()})
     nested: Dict[str, Any] = dict(state)
     for part in reversed([p for p in prefix.split(".") if p]):
         nested = {part: nested}

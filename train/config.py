@@ -20,6 +20,16 @@ from parallelism.config import DeepSpeedConfig, ParallelConfig
 from train.data.config import DataConfig
 from train.distill.config import DistillConfig
 
+SWITCH = ("auto", "true", "false")
+
+
+def switch(value) -> str:
+    """An ``auto | true | false`` key's value, normalised: Hydra hands ``true`` given on the command
+    line to a string-typed key as ``"True"``, and code may set a bool."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value).strip().lower()
+
 # The sections other packages own, composed below (and importable from here for Hydra users).
 __all__ = ["TrainConfig", "TrainerConfig", "OptimConfig", "LoggingConfig", "ClusterConfig", "CostConfig",
            "NeuronConfig", "CheckpointConfig", "HealthConfig", "ParallelConfig", "DeepSpeedConfig"]
@@ -64,9 +74,9 @@ class OptimConfig:
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # WSD: share of steps in the final decay
     fused: str = "auto"  # auto (fused on CUDA) | true | false
-    # bf16 matmul weights with fp32 masters in the optimizer (train/master_weights.py): bf16 precision,
-    # world size 1, fsdp2 engine, one micro-batch per step
-    master_weights: bool = False
+    # bf16 matmul weights with fp32 masters in the optimizer (train/master_weights.py): auto | true | false.
+    # auto: on for a one-GPU bf16/fp8 run with one micro-batch per step (measured faster), else off
+    master_weights: str = "auto"
 
 
 @dataclass

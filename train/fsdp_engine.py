@@ -14,6 +14,7 @@ from parallelism.process_group import DistContext
 from devices.runtime import Runtime
 from train.config import TrainConfig, TrainerConfig
 from train.init_from import init_from_pretrained
+from train.master_weights import mode, use_master_weights
 from train.optim import build_optimizer
 from train.step import StepInputs, StepResult, train_step
 
@@ -65,7 +66,12 @@ class FSDP2Engine:
         init_from_pretrained(model, cfg)  # model.init_from / init_from_dense: each rank its shards
         if runtime.init_device != runtime.device:
             model.to(runtime.device)  # XLA: initialised on CPU, then moved (devices/xla.py)
-        optimizer = build_optimizer(model, cfg.optim, runtime.device_type)
+        masters = use_master_weights(cfg, ctx.world_size, n_micro, runtime.device_type,
+                                     runtime.amp_dtype == torch.bfloat16)
+        if ctx.rank == 0:
+            log.info("optim.master_weights=%s: %s", mode(cfg.optim.master_weights),
+                     "bf16 compute weights, fp32 masters in the optimizer" if masters else "fp32 parameters")
+        optimizer = build_optimizer(model, cfg.optim, runtime.device_type, master_weights=masters)
         reduce_counts = make_count_reducer(parallel.meshes.dp_group) if ctx.distributed else None
         return cls(model, optimizer, runtime, grad_clip=t.grad_clip, bias_update_rate=cfg.model.moe.bias_update_rate,
                    reduce_counts=reduce_counts, parallel=parallel)

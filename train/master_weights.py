@@ -1,4 +1,4 @@
-"""``optim.master_weights=true``: bf16 compute weights, fp32 masters held by the optimizer.
+"""``optim.master_weights``: bf16 compute weights, fp32 masters held by the optimizer.
 
 The matmul weights that run in bf16 anyway become bf16 parameters in place before the optimizer is
 built, so no forward casts them and no backward casts their gradients back to fp32 (about 5 ms of a
@@ -9,7 +9,12 @@ shared-expert SwiGLU, the output head) and the routed experts' ``w1``/``w2``/``w
 embeddings, norms, biases, the router's gate (it scores in fp32: ``moe/router.py``) and the expert
 bias buffer, so the residual stream and the routing keep today's precision.
 
-Rules (``master_weights_errors``; each names the key and the fix): bf16 or fp8 precision (``auto``
+``auto`` (the default) turns it on where it is measured faster and every rule below holds: CUDA,
+bf16 or fp8 precision (``auto`` on a GPU), world size 1, ``parallel.engine=fsdp2``, one micro-batch
+per step, no distillation teacher (:func:`use_master_weights`; the trainer logs the choice).
+Checkpoints are the same either way, so a run resumes across modes in both directions.
+
+Rules of ``true`` (``master_weights_errors``; each names the key and the fix): bf16 or fp8 precision (``auto``
 means bf16 in this mode, on CPU too: the same math runs eagerly there; fp8 quantizes from the bf16
 weights), world size 1 with
 ``parallel.engine=fsdp2`` (plain parameters: no FSDP2/EP DTensors, not DeepSpeed), CPU or CUDA, and
@@ -25,7 +30,27 @@ if TYPE_CHECKING:  # torch is imported where it is used: validation imports mast
     import torch  # and a config-only command (launch --dry-run, a config error) need not pay for torch
     from torch import nn
 
-__all__ = ["MasterReport", "to_bf16_compute", "master_weights_errors", "effective_precision"]
+__all__ = ["MasterReport", "to_bf16_compute", "master_weights_errors", "effective_precision", "mode",
+           "use_master_weights"]
+
+
+def mode(value) -> str:
+    """``optim.master_weights`` normalised (``train.config.switch``: Hydra's ``"True"``, a bool)."""
+    from train.config import switch
+
+    return switch(value)
+
+
+def use_master_weights(cfg, world_size: int, n_micro: int, device_type: str, amp_bf16: bool) -> bool:
+    """Whether this run keeps bf16 compute weights with fp32 masters: ``true`` (validated by
+    :func:`master_weights_errors`), ``false``, or ``auto``: on a CUDA device with bf16 autocast
+    (precision bf16 or fp8), world size 1, fsdp2, one micro-batch, no distillation teacher.
+    Pure; every input is the same on every rank, so all ranks decide alike."""
+    m = mode(cfg.optim.master_weights)
+    if m != "auto":
+        return m == "true"
+    return (device_type == "cuda" and amp_bf16 and world_size == 1 and n_micro == 1
+            and cfg.parallel.engine == "fsdp2" and not cfg.distill.teacher)
 
 
 @dataclass
@@ -74,13 +99,18 @@ def to_bf16_compute(model: nn.Module) -> MasterReport:
 def effective_precision(cfg) -> str:
     """``trainer.precision=auto`` means bf16 under master weights on every device (on CPU it
     would mean fp32, and bf16 weights cannot run without bf16 autocast)."""
-    if cfg.optim.master_weights and cfg.trainer.precision == "auto":
+    if mode(cfg.optim.master_weights) == "true" and cfg.trainer.precision == "auto":
         return "bf16"
     return cfg.trainer.precision
 
 
 def master_weights_errors(cfg, world_size: int, n_micro: int) -> List[str]:
-    if not cfg.optim.master_weights:
+    m = mode(cfg.optim.master_weights)
+    from train.config import SWITCH
+
+    if m not in SWITCH:
+        return [f"optim.master_weights={cfg.optim.master_weights!r} must be auto, true or false"]
+    if m != "true":
         return []
     t, errors = cfg.trainer, []
     if t.precision not in ("auto", "bf16", "fp8"):

@@ -42,17 +42,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
-    """AdamW over the model's parameters; with ``optim.master_weights`` the compute weights become
-    bf16 first and ``MasterAdamW`` keeps their fp32 masters (``optim.fused`` is not read then)."""
-    if getattr(cfg, "master_weights", False):
+def build_optimizer(model: nn.Module, cfg, device_type: str, master_weights: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the model's parameters; with ``master_weights`` (``optim.master_weights`` as
+    ``train.master_weights.use_master_weights`` resolved it) the compute weights become bf16 first and
+    ``MasterAdamW`` keeps their fp32 masters (``optim.fused`` is not read then)."""
+    if master_weights:
         from train.master_adamw import MasterAdamW
         from train.master_weights import to_bf16_compute
 
         report = to_bf16_compute(model)
         return MasterAdamW(param_groups(model, cfg.weight_decay), report.masters, lr=cfg.lr,
                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    fused = cfg.fused == "true" or (cfg.fused == "auto" and device_type == "cuda")
+    from train.config import switch
+
+    fused = switch(cfg.fused) == "true" or (switch(cfg.fused) == "auto" and device_type == "cuda")
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         fused=fused or None, foreach=None if fused else True,

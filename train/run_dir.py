@@ -25,14 +25,23 @@ _PARALLEL_EXCLUDES = {"dp_replicate", "dp_shard", "ep", "backend", "timeout_s", 
 
 # Keys added after runs existed, dropped while at their "off" value so those runs keep their names.
 _OFF_WHEN = {("model",): {"init_from": "", "init_from_dense": "", "embed_scale": False, "ffn_activation": "silu"},
-             ("model", "attention"): {"qk_norm_scope": "head"}, ("model", "rope"): {"local_theta": 0.0},
-             ("optim",): {"master_weights": False}}
+             ("model", "attention"): {"qk_norm_scope": "head"}, ("model", "rope"): {"local_theta": 0.0}}
 
 
 def identity(cfg) -> dict:
     d = dataclasses.asdict(cfg)
     if not d.get("distill", {}).get("teacher"):
         d.pop("distill", None)
+    # optim.master_weights (was a bool, off by default): in the name only when set to true, as True,
+    # so runs named before it became auto | true | false keep their names. auto is the default.
+    optim = d.get("optim", {})
+    if "master_weights" in optim:
+        from train.config import switch
+
+        if switch(optim["master_weights"]) == "true":
+            optim["master_weights"] = True
+        else:
+            optim.pop("master_weights")
     for path, off in _OFF_WHEN.items():
         section = d
         for part in path:

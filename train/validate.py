@@ -96,7 +96,9 @@ def validate_train_config(cfg: TrainConfig, world_size: int | None = None) -> No
         _fail(f"optim.beta1={o.beta1} and optim.beta2={o.beta2} must be within [0, 1)")
     if not 0 < o.decay_fraction <= 1:
         _fail(f"optim.decay_fraction={o.decay_fraction} must be within (0, 1]")
-    if o.fused not in ("auto", "true", "false"):
+    from train.config import SWITCH, switch
+
+    if switch(o.fused) not in SWITCH:
         _fail(f"optim.fused={o.fused!r} must be auto, true or false")
     from train.master_weights import master_weights_errors
 

@@ -45,11 +45,25 @@ def test_defaults_validate():
     (["trainer.grad_clip=-1"], 1, "trainer.grad_clip=-1.0"),
     (["cost.budget_usd=-5"], 1, "cost.budget_usd"),
     (["data=shards", "data.path="], 1, "data.path"),
+    (["optim.fused=maybe"], 1, "optim.fused='maybe' must be auto, true or false"),
+    (["optim.master_weights=maybe"], 1, "optim.master_weights='maybe' must be auto, true or false"),
 ])
 def test_bad_values_name_the_key(overrides, world, message):
     cfg = typed(*overrides)
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_train_config(cfg, world_size=world)
+
+
+@pytest.mark.parametrize("key", ["optim.fused", "optim.master_weights"])
+@pytest.mark.parametrize("value, expect", [("true", "true"), ("false", "false"), ("auto", "auto")])
+def test_switch_keys_take_true_and_false_from_the_command_line(key, value, expect):
+    """Hydra hands ``key=true`` to a string-typed key as "True": it is accepted and means true."""
+    from train.config import switch
+
+    cfg = typed(f"{key}={value}")
+    validate_train_config(cfg, world_size=1)
+    section, name = key.split(".")
+    assert switch(getattr(getattr(cfg, section), name)) == expect
 
 
 def test_unknown_keys_and_wrong_types_are_rejected_by_hydra():

@@ -114,9 +114,9 @@ def test_training_matches_fp32_params_under_bf16_autocast():
     same bf16 values, and the update does AdamW's operations in AdamW's order: on CPU the two
     runs are bit-identical (losses and every fp32 value)."""
     ref = _model()
-    ref_opt = build_optimizer(ref, _optim_cfg(False), "cpu")
+    ref_opt = build_optimizer(ref, _optim_cfg(False), "cpu", master_weights=False)
     model = copy.deepcopy(ref)
-    opt = build_optimizer(model, _optim_cfg(True), "cpu")
+    opt = build_optimizer(model, _optim_cfg(True), "cpu", master_weights=True)
     assert isinstance(opt, MasterAdamW)
     ref_losses, losses = _steps(ref, ref_opt, 0, 6), _steps(model, opt, 0, 6)
     assert losses == ref_losses
@@ -135,14 +135,14 @@ def _load(tmp, model, opt):
 
 def test_save_resume_round_trip_is_bitwise(tmp_path):
     straight = _model()
-    opt = build_optimizer(straight, _optim_cfg(True), "cpu")
+    opt = build_optimizer(straight, _optim_cfg(True), "cpu", master_weights=True)
     _steps(straight, opt, 0, 3)
     saved = _model()
-    saved_opt = build_optimizer(saved, _optim_cfg(True), "cpu")
+    saved_opt = build_optimizer(saved, _optim_cfg(True), "cpu", master_weights=True)
     _steps(saved, saved_opt, 0, 3)
     _save(tmp_path, saved, saved_opt)
     resumed = _model(seed=7)  # fresh objects, other weights: everything must come from the checkpoint
-    resumed_opt = build_optimizer(resumed, _optim_cfg(True), "cpu")
+    resumed_opt = build_optimizer(resumed, _optim_cfg(True), "cpu", master_weights=True)
     _load(tmp_path, resumed, resumed_opt)
     for (n, p), (_, q) in zip(saved.named_parameters(), resumed.named_parameters()):
         assert q.dtype == p.dtype and torch.equal(p, q), n
@@ -155,7 +155,7 @@ def test_save_resume_round_trip_is_bitwise(tmp_path):
 
 def test_checkpoint_holds_fp32_masters_under_the_model_keys(tmp_path):
     model = _model()
-    opt = build_optimizer(model, _optim_cfg(True), "cpu")
+    opt = build_optimizer(model, _optim_cfg(True), "cpu", master_weights=True)
     _steps(model, opt, 0, 1)
     sd = AppState(model, opt).state_dict()
     assert all(v.dtype == torch.float32 for v in sd["model"].values() if v.is_floating_point())
@@ -170,11 +170,11 @@ def test_resume_across_modes_is_exact(tmp_path, direction):
     master run's masters become an fp32 run's weights."""
     src_master = direction == "master_to_fp32"
     src = _model()
-    src_opt = build_optimizer(src, _optim_cfg(src_master), "cpu")
+    src_opt = build_optimizer(src, _optim_cfg(src_master), "cpu", master_weights=src_master)
     _steps(src, src_opt, 0, 2)
     _save(tmp_path, src, src_opt)
     dst = _model(seed=7)
-    dst_opt = build_optimizer(dst, _optim_cfg(not src_master), "cpu")
+    dst_opt = build_optimizer(dst, _optim_cfg(not src_master), "cpu", master_weights=not src_master)
     if src_master:
         _steps(dst, dst_opt, 0, 1)  # AdamW state exists before loading (as after a guard rollback)
     _load(tmp_path, dst, dst_opt)
@@ -191,7 +191,7 @@ def test_resume_across_modes_is_exact(tmp_path, direction):
 
 def test_state_without_masters_is_refused():
     model = _model()
-    opt = build_optimizer(model, _optim_cfg(True), "cpu")
+    opt = build_optimizer(model, _optim_cfg(True), "cpu", master_weights=True)
     sd = opt.state_dict()
     for state in sd["state"].values():
         state.pop("master", None)
@@ -256,6 +256,7 @@ def test_user_command_resumes_bitwise(tmp_path):
         shutil.rmtree(resumed / f"step_{step:09d}")
     p = run_train(*common, f"output_dir={tmp_path / 'b'}")
     assert "resumed from step 2" in p.stdout and "device cpu bf16" in p.stdout
+    assert "optim.master_weights=true: bf16 compute weights, fp32 masters" in p.stdout
     a = last_per_step(read_jsonl(straight / "metrics.jsonl"))
     b = last_per_step(read_jsonl(resumed / "metrics.jsonl"))
     assert [a[s]["loss"] for s in range(1, 7)] == [b[s]["loss"] for s in range(1, 7)]
@@ -274,6 +275,36 @@ def test_run_names_of_existing_runs_are_kept():
     assert "master_weights" not in identity(cfg)["optim"]
     on = _cfg()
     assert run_name(on) != run_name(cfg)
+    as_string = TrainConfig()
+    as_string.optim.master_weights = "True"  # how Hydra hands optim.master_weights=true to the key
+    assert identity(as_string) == identity(on) and identity(on)["optim"]["master_weights"] is True
+    off = TrainConfig()
+    off.optim.master_weights = "false"
+    assert run_name(off) == run_name(cfg)
+
+
+def test_auto_is_on_only_for_a_one_gpu_bf16_run_with_one_micro_batch():
+    """optim.master_weights=auto (the default): on where it was measured faster, off elsewhere;
+    true and false are taken as said (Hydra hands true to a string key as "True")."""
+    from train.master_weights import mode, use_master_weights
+
+    cfg = TrainConfig()
+    assert mode(cfg.optim.master_weights) == "auto"
+    assert use_master_weights(cfg, 1, 1, "cuda", True)
+    assert not use_master_weights(cfg, 1, 1, "cpu", False)  # CPU: fp32 unless asked
+    assert not use_master_weights(cfg, 1, 1, "cuda", False)  # precision=fp32
+    assert not use_master_weights(cfg, 2, 1, "cuda", True)  # FSDP2 DTensors
+    assert not use_master_weights(cfg, 1, 2, "cuda", True)  # gradient accumulation
+    cfg.distill.teacher = "/some/teacher"
+    assert not use_master_weights(cfg, 1, 1, "cuda", True)
+    for value, expect in ((True, True), ("True", True), ("true", True), (False, False), ("False", False)):
+        cfg.optim.master_weights = value
+        assert use_master_weights(cfg, 1, 1, "cpu", True) is expect, value
+    validate_train_config(TrainConfig(), world_size=2)  # auto never refuses a run
+    bad = TrainConfig()
+    bad.optim.master_weights = "sometimes"
+    with pytest.raises(ConfigError, match="optim.master_weights='sometimes' must be auto, true or false"):
+        validate_train_config(bad, world_size=1)
 
 
 def test_compiled_update_traces_once_and_matches_eager(monkeypatch):
@@ -287,8 +318,8 @@ def test_compiled_update_traces_once_and_matches_eager(monkeypatch):
     monkeypatch.setattr(ma, "_compiled_update",
                         torch.compile(ma.adamw_update_, fullgraph=True, dynamic=False, backend="aot_eager"))
     eager, compiled = _model(), _model()
-    eager_opt = build_optimizer(eager, _optim_cfg(True), "cpu")
-    opt = build_optimizer(compiled, _optim_cfg(True), "cpu")
+    eager_opt = build_optimizer(eager, _optim_cfg(True), "cpu", master_weights=True)
+    opt = build_optimizer(compiled, _optim_cfg(True), "cpu", master_weights=True)
     opt.compiled = True
     losses = _steps(compiled, opt, 0, 1)
     with torch.compiler.set_stance("fail_on_recompile"):  # warmup moves the LR every step

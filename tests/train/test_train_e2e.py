@@ -39,6 +39,7 @@ def test_metric_lines_parse_and_every_field_present(tmp_path):
     assert any(k.startswith("moe/") for k in rows[-1])
     assert (tmp_path / "m" / "config.yaml").exists() and (tmp_path / "m" / "rank0.log").exists()
     assert "run directory" in p.stdout and str(tmp_path / "m") in p.stdout
+    assert "optim.master_weights=auto: fp32 parameters" in p.stdout  # auto: off on a CPU (train/master_weights.py)
 
 
 # Soak only: tests/test_readme.py::test_the_main_command_trains_the_default trains the same default
