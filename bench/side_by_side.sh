@@ -14,7 +14,8 @@ STEPS=${STEPS:-150}; SPECS=${SPECS:-"dsv3_mini:16 llama_1b:8"}; PRECS=${PRECS:-"
 # PROFILES="dsv3_mini:16:bf16 dsv3_mini:16:fp8 dsv3_mini:16:fp8dense": `python -m bench train --profile-top 40`
 # first (component figures: where the step's device time goes; they also warm the compile cache).
 PROFILES=${PROFILES:-}; SKIP_PEER=${SKIP_PEER:-0}
-# PRECS entries are NAME or NAME:STEPS (a shorter speed-only run).
+# PRECS entries are NAME or NAME:STEPS (a shorter speed-only run). TRAIN_EXTRA: more overrides for every
+# user-command run (e.g. "optim.warmup_steps=60 trainer.seed=7"); TAG: a suffix for their run names and files.
 PEER_VARIANTS=${PEER_VARIANTS:-peer_compiled}
 pack() { tar czf "$OUT/sbs.tgz" -C $R . ; }
 for p in $PROFILES; do
@@ -39,10 +40,10 @@ for spec in $SPECS; do
     prec=${entry%%:*}; steps=$STEPS; [ "$entry" != "$prec" ] && steps=${entry##*:}
     echo "=== train $m $prec $steps steps $(date +%T)"
     timeout ${TRAIN_TIMEOUT:-240} python3 -m train experiment=gpu_$m $(prec_args $prec) trainer.max_steps=$steps \
-      output_dir=/tmp/mf_runs run_name=${m}_$prec health.preflight=off checkpoint.save_final=false \
-      > $R/train_${m}_$prec.txt 2>&1; echo "train $m $prec rc=$?"
-    cp /tmp/mf_runs/${m}_$prec/metrics.jsonl $R/metrics_${m}_$prec.jsonl 2>/dev/null
-    grep -E "^fp8|rror|^step=(10|50|100|150|200|300) " $R/train_${m}_$prec.txt | cut -c1-300 | tail -8; pack
+      ${TRAIN_EXTRA:-} output_dir=/tmp/mf_runs run_name=${m}_$prec${TAG:-} health.preflight=off checkpoint.save_final=false \
+      > $R/train_${m}_$prec${TAG:-}.txt 2>&1; echo "train $m $prec${TAG:-} rc=$?"
+    cp /tmp/mf_runs/${m}_$prec${TAG:-}/metrics.jsonl $R/metrics_${m}_$prec${TAG:-}.jsonl 2>/dev/null
+    grep -E "^fp8|rror|^step=(10|50|100|150|200|300) " $R/train_${m}_$prec${TAG:-}.txt | cut -c1-300 | tail -8; pack
   done
 done
 echo "=== end $(date +%T)"
