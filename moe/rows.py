@@ -58,20 +58,6 @@ class _GatherTokenRows(torch.autograd.Function):
         return g_TKD.sum(1, dtype=accum_dtype(g_SD)).to(g_SD.dtype), None, None, None
 
 
-class _AssignmentRows(torch.autograd.Function):
-    """``[N, D]`` rows in assignment order from ``[S, D]`` rows in send order; backward gathers."""
-
-    @staticmethod
-    def forward(ctx, y_SD, inv_N, order_S):
-        ctx.save_for_backward(order_S)
-        return _rows_of_assignments(y_SD, inv_N)
-
-    @staticmethod
-    def backward(ctx, g_ND):
-        (order_S,) = ctx.saved_tensors
-        return index_select_rows(g_ND, order_S), None, None
-
-
 def gather_token_rows(x_TD: torch.Tensor, order_S: torch.Tensor, inv_N: torch.Tensor, top_k: int) -> torch.Tensor:
     """Row ``s`` = the token of assignment ``order_S[s]``: ``x_TD[order_S // top_k]``."""
     return _GatherTokenRows.apply(x_TD, order_S, inv_N, top_k)
@@ -80,7 +66,7 @@ def gather_token_rows(x_TD: torch.Tensor, order_S: torch.Tensor, inv_N: torch.Te
 def assignment_rows(y_SD: torch.Tensor, inv_N: torch.Tensor, order_S: torch.Tensor) -> torch.Tensor:
     """The inverse of ``gather_token_rows``' ordering: ``[N, D]`` with assignment ``a``'s row at ``a``
     (zero for an assignment that was not sent)."""
-    return _AssignmentRows.apply(y_SD, inv_N, order_S)
+    return _RowMap.apply(y_SD, inv_N, order_S)
 
 
 def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -88,7 +74,7 @@ def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) ->
     ``assignment_rows``: every row is some assignment's)."""
     if x.shape[0] != index.numel():
         raise ValueError(f"permute_rows: {x.shape[0]} rows but an index of {index.numel()}")
-    return _AssignmentRows.apply(x, index, inverse)
+    return _RowMap.apply(x, index, inverse)
 
 
 class _RowMap(torch.autograd.Function):
