@@ -17,6 +17,8 @@ PROFILES=${PROFILES:-}; SKIP_PEER=${SKIP_PEER:-0}
 # PRECS entries are NAME or NAME:STEPS (a shorter speed-only run). TRAIN_EXTRA: more overrides for every
 # user-command run (e.g. "optim.warmup_steps=60 trainer.seed=7"); TAG: a suffix for their run names and files.
 PEER_VARIANTS=${PEER_VARIANTS:-peer_compiled}
+# PEER_STEPS: the peer's timed steps (default 5, as every figure so far; its per-step range was up to 6%
+# on one call, so 20 narrows the median for ~5 s more)
 pack() { tar czf "$OUT/sbs.tgz" -C $R . ; }
 for p in $PROFILES; do
   IFS=: read -r m b prec <<< "$p"
@@ -33,7 +35,7 @@ for spec in $SPECS; do
   if [ "$SKIP_PEER" != 1 ]; then
   echo "=== peer $m b$b $(date +%T)"
   timeout ${PEER_TIMEOUT:-240} python3 -m bench compare --model $m --batch $b --variants $PEER_VARIANTS \
-    --steps 5 --warmup 2 ${PEER_ARGS:-} --out $R > $R/peer_$m.txt 2>&1; echo "peer $m rc=$?"
+    --steps ${PEER_STEPS:-5} --warmup 2 ${PEER_ARGS:-} --out $R > $R/peer_$m.txt 2>&1; echo "peer $m rc=$?"
   grep -E "^\| peer|^peer:" $R/peer_$m.txt | cut -c1-600; pack
   fi
   for entry in $PRECS; do
