@@ -4,7 +4,7 @@ import sys
 
 SUITES = {"smoke": "bench.smoke", "train": "bench.train_bench", "ckpt": "bench.ckpt_bench",
           "ckpt_drill": "bench.ckpt_drill", "attn": "bench.attn", "compare": "bench.compare",
-          "split": "bench.split", "curves": "bench.curves"}
+          "split": "bench.split", "curves": "bench.curves", "table": "bench.table"}
 
 
 def main() -> None:

@@ -47,5 +47,10 @@ for spec in $SPECS; do
     cp /tmp/mf_runs/${m}_$prec${TAG:-}/metrics.jsonl $R/metrics_${m}_$prec${TAG:-}.jsonl 2>/dev/null
     grep -E "^fp8|rror|^step=(10|50|100|150|200|300) " $R/train_${m}_$prec${TAG:-}.txt | cut -c1-300 | tail -8; pack
   done
+  peer_json=$(ls $R/compare_${m}_s*.json 2>/dev/null | head -1); runs=""
+  for entry in $PRECS; do f=$R/metrics_${m}_${entry%%:*}${TAG:-}.jsonl; [ -f "$f" ] && runs="$runs --run ${entry%%:*}=$f"; done
+  # the table PERFORMANCE.md reports: medians from step 15 on, each beside this call's peer
+  [ "$SKIP_PEER" != 1 ] && [ -n "$peer_json" ] && [ -n "$runs" ] && python3 -m bench table --peer "$peer_json" $runs \
+    --out $R --name table_${m}${TAG:-} 2>&1 | tee $R/table_${m}${TAG:-}.md; pack
 done
 echo "=== end $(date +%T)"
