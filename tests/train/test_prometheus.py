@@ -102,4 +102,6 @@ def test_metrics_endpoint_matches_the_jsonl_during_a_run(tmp_path):
         assert s[("moeforge_attempts_total", run)] == row["attempt"] == 1
     late = seen[max(seen)]
     assert late[("moeforge_spent_usd", run)] > 0 and ("moeforge_checkpoint_last_commit_age_seconds", run) in late
-    assert ("moeforge_checkpoint_stall_seconds", run) in late and compared > 20
+    # The stall gauge is there whenever its step's row has one (compared above); the last step scraped
+    # need not be such a step (the run can exit between two scrapes of its final step).
+    assert any(("moeforge_checkpoint_stall_seconds", run) in s for s in seen.values()) and compared > 20

@@ -70,9 +70,14 @@ def test_slow_save_costs_the_loop_only_its_snapshot_and_is_booked_as_checkpoint(
 
 
 def test_if_busy_defer_saves_at_the_first_step_after_the_write_commits(tmp_path):
-    rc, out, run_dir = _run(tmp_path, "defer", "trainer.max_steps=16", "checkpoint.every_steps=3",
+    # Steps of 0.5 s plus compute (0.51 s on a quiet machine, ~0.7 s beside a busy test suite) and a
+    # write of ~3.3 s: the save of step 4 is still writing when step 8's comes due (4 steps, at most
+    # 3.4 s) and commits before step 12 (7 steps, at least 3.6 s), so the deferred save lands on step
+    # 9, 10 or 11. (A 1.5 s write with 0.25 s steps and saves every 3 sat at the edge: a quiet machine
+    # committed it within step 9, a regular save step.)
+    rc, out, run_dir = _run(tmp_path, "defer", "trainer.max_steps=16", "checkpoint.every_steps=4",
                             "checkpoint.async_mode=thread", "checkpoint.if_busy=defer",
-                            "checkpoint.fault_inject_write_delay_s=1.5", "health.fault_inject_slow_s=0.25",
+                            "checkpoint.fault_inject_write_delay_s=3.2", "health.fault_inject_slow_s=0.5",
                             "checkpoint.write_bandwidth_gbps=0.000001", "health.preemption_deadline_s=30")
     assert rc == 0, out[-3000:]
     # An emergency save that cannot meet the deadline is said at the start (after step 1), not at a notice.
@@ -82,8 +87,8 @@ def test_if_busy_defer_saves_at_the_first_step_after_the_write_commits(tmp_path)
     assert len([ln for ln in out.splitlines() if "longer than the interval" in ln]) == 1, out[-3000:]
     assert "deferred to the first step after it commits by checkpoint.if_busy=defer" in out
     steps = _committed(run_dir)
-    assert 3 in steps and 16 in steps, steps
-    assert any(s % 3 and s != 16 for s in steps), f"no deferred save was committed: {steps}"
+    assert 4 in steps and 16 in steps, steps
+    assert any(s % 4 and s != 16 for s in steps), f"no deferred save was committed: {steps}"
 
 
 def test_emergency_save_reuses_the_save_still_writing(tmp_path):
