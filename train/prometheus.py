@@ -28,6 +28,7 @@ GAUGES: Dict[str, Tuple[str, str]] = {
                                                     "seconds since the newest checkpoint commit"),
     "moeforge_checkpoint_stall_seconds": ("ckpt/stall_s", "seconds the loop lost to the last save (its snapshot)"),
 }
+HELD = ("moeforge_checkpoint_stall_seconds",)  # kept from the last row that had it (PrometheusSink.log)
 IMBALANCE = ("moeforge_moe_imbalance", re.compile(r"^moe/L(\d+)/imbalance$"),
              "MoE expert load imbalance (max / mean tokens per expert)")
 HEALTH = ("moeforge_health_flag", re.compile(r"^health/flag/(\w+)$"), "1 while a health stop or guard is active")
@@ -79,7 +80,13 @@ class PrometheusSink:
         self.port = self._server.server_port
 
     def log(self, step: int, row: Mapping[str, Any]) -> None:
-        self._snap = snapshot(step, row)  # one assignment: a scrape sees one whole step
+        snap = snapshot(step, row)
+        # ckpt/stall_s is on a row only after a save; the gauge holds the last save's figure until the
+        # next one, as its help says, instead of vanishing from the scrapes between saves.
+        for name in HELD:
+            if name not in snap and name in self._snap:
+                snap[name] = self._snap[name]
+        self._snap = snap  # one assignment: a scrape sees one whole step
 
     def describe(self) -> Iterator:
         return iter(())

@@ -54,6 +54,23 @@ def test_sink_serves_one_whole_snapshot_and_refuses_8080():
         PrometheusSink(8080, "127.0.0.1", "r1")
 
 
+def test_stall_gauge_holds_the_last_saves_figure_between_saves():
+    sink = PrometheusSink(free_port(), "127.0.0.1", "r1")
+    run = (("run", "r1"),)
+    try:
+        sink.log(1, {"loss": 2.0})
+        assert ("moeforge_checkpoint_stall_seconds", run) not in _scrape(sink.port)  # no save yet
+        sink.log(2, {"loss": 1.5, "ckpt/stall_s": 0.25, "mfu": 0.4})
+        sink.log(3, {"loss": 1.0})  # no save since the last row: the row has no stall, the gauge keeps 0.25
+        got = _scrape(sink.port)
+        assert got[("moeforge_checkpoint_stall_seconds", run)] == 0.25
+        assert got[("moeforge_step", run)] == 3 and ("moeforge_mfu", run) not in got  # only the stall is held
+        sink.log(4, {"loss": 0.9, "ckpt/stall_s": 0.5})
+        assert _scrape(sink.port)[("moeforge_checkpoint_stall_seconds", run)] == 0.5
+    finally:
+        sink.close()
+
+
 @pytest.mark.slow
 def test_metrics_endpoint_matches_the_jsonl_during_a_run(tmp_path):
     port = free_port()
@@ -85,9 +102,18 @@ def test_metrics_endpoint_matches_the_jsonl_during_a_run(tmp_path):
             seen[int(step)] = s
     assert len(seen) >= 3 and max(seen) >= 7, sorted(seen)  # scraped while it trained
     compared = 0
+    stall = "moeforge_checkpoint_stall_seconds"
     for step, s in seen.items():
         row = rows[step]
+        # the stall gauge holds the last save's figure: the newest row up to this step that had one
+        held = [rows[k]["ckpt/stall_s"] for k in sorted(rows) if k <= step and rows[k].get("ckpt/stall_s") is not None]
+        if held:
+            assert s[(stall, run)] == pytest.approx(held[-1], rel=1e-9, abs=1e-12), (step, stall)
+        else:
+            assert (stall, run) not in s, step
         for name, (key, _) in GAUGES.items():
+            if name == stall:
+                continue
             if row.get(key) is None:
                 assert (name, run) not in s, name
                 continue
@@ -102,6 +128,4 @@ def test_metrics_endpoint_matches_the_jsonl_during_a_run(tmp_path):
         assert s[("moeforge_attempts_total", run)] == row["attempt"] == 1
     late = seen[max(seen)]
     assert late[("moeforge_spent_usd", run)] > 0 and ("moeforge_checkpoint_last_commit_age_seconds", run) in late
-    # The stall gauge is there whenever its step's row has one (compared above); the last step scraped
-    # need not be such a step (the run can exit between two scrapes of its final step).
-    assert any(("moeforge_checkpoint_stall_seconds", run) in s for s in seen.values()) and compared > 20
+    assert (stall, run) in late and compared > 20
